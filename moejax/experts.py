@@ -1,0 +1,99 @@
+"""Feed-forward experts: a bank of E FFNs with stacked weights, and a dense FFN.
+
+Axis letters: G groups, E experts, C capacity, D model width, F hidden width.
+
+Activations: 'relu' and 'gelu' (one input projection `wi`), and the gated
+'swiglu' / 'geglu' (gate projection `wi_0` through the nonlinearity, times
+the linear projection `wi_1`). No biases, so an empty (all-zero) slot maps
+to zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
+_NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
+                 'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
+
+
+def check_activation(activation: str) -> None:
+  """Raises ValueError naming `activation` and the allowed values."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'activation={activation!r} is not supported; allowed '
+                     f'values: {", ".join(map(repr, ACTIVATIONS))}.')
+
+
+def _input_names(activation: str):
+  return ('wi_0', 'wi_1') if activation in ('swiglu', 'geglu') else ('wi',)
+
+
+def expert_kernel_init(scale: float = 1.0) -> nn.initializers.Initializer:
+  """Fan-in truncated normal over [E, in, out]; the leading E axis is a
+  batch axis, so every expert is drawn independently with fan_in = `in`."""
+  return nn.initializers.variance_scaling(
+      scale, 'fan_in', 'truncated_normal', in_axis=-2, out_axis=-1,
+      batch_axis=(0,))
+
+
+class ExpertBank(nn.Module):
+  """E independent FFNs applied to their own buffers.
+
+  Params: `wi` [E, D, F] (or `wi_0`, `wi_1` [E, D, F] when gated) and
+  `wo` [E, F, D], stored in `param_dtype`, computed in `dtype`.
+
+  __call__: buffers [G, E, C, D] -> [G, E, C, D].
+  """
+  num_experts: int
+  d_ff: int
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_activation(self.activation)
+    d = x.shape[-1]
+    e, f = self.num_experts, self.d_ff
+    x = x.astype(self.dtype)
+    hidden = []
+    for name in _input_names(self.activation):
+      w = self.param(name, expert_kernel_init(), (e, d, f), self.param_dtype)
+      hidden.append(jnp.einsum('GECD,EDF->GECF', x, w.astype(self.dtype)))
+    h = _NONLINEARITY[self.activation](hidden[0])
+    if len(hidden) == 2:
+      h = h * hidden[1]
+    wo = self.param('wo', expert_kernel_init(), (e, f, d), self.param_dtype)
+    return jnp.einsum('GECF,EFD->GECD', h, wo.astype(self.dtype))
+
+
+class DenseFfn(nn.Module):
+  """One FFN on every token: x [..., D] -> [..., D].
+
+  Params: `wi` [D, F] (or `wi_0`, `wi_1` when gated) and `wo` [F, D]. Used
+  for dense layers, the dense baseline, and shared experts.
+  """
+  d_ff: int
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_activation(self.activation)
+    d = x.shape[-1]
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+    x = x.astype(self.dtype)
+    hidden = []
+    for name in _input_names(self.activation):
+      w = self.param(name, init, (d, self.d_ff), self.param_dtype)
+      hidden.append(x @ w.astype(self.dtype))
+    h = _NONLINEARITY[self.activation](hidden[0])
+    if len(hidden) == 2:
+      h = h * hidden[1]
+    wo = self.param('wo', init, (self.d_ff, d), self.param_dtype)
+    return h @ wo.astype(self.dtype)

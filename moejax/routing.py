@@ -1,0 +1,291 @@
+"""Token-choice routing: router logits -> a routing decision, losses, metrics.
+
+Axis letters (used in every shape comment and einsum):
+  G groups, S tokens per group, D model width, E experts,
+  K experts chosen per token, C capacity (slots per expert per group).
+
+A router maps tokens `[G, S, D]` to a `RoutingDecision`: for every token and
+each of its K choices, the chosen expert, the slot it occupies in that
+expert's buffer, its combine weight, and whether it was kept. Dispatchers
+(`moejax.dispatch`) consume the decision; routing never touches the experts.
+
+Semantics (Switch / GShard defaults; every difference is an option):
+  * logits are computed in float32 from a float32 copy of x;
+  * jitter multiplies the router's copy of x by U[1-eps, 1+eps] (training);
+  * selection is top-K over `scores + bias`; gates come from unbiased scores;
+  * overflow priority: 'choice' (all first choices in position order, then
+    all second choices, ...), 'token' (position order, a token's K choices
+    together), 'score' (tokens sorted by top-1 score, descending, then
+    choice-major as in 'choice');
+  * a dropped assignment contributes 0 and the surviving weights are not
+    renormalised;
+  * padding tokens request nothing, take no capacity, and count in no loss
+    or metric.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moejax import losses
+
+SCORE_FNS = ('softmax', 'sigmoid')
+PRIORITIES = ('choice', 'token', 'score')
+SECOND_EXPERT_POLICIES = ('all', 'random')
+
+
+@struct.dataclass
+class RoutingDecision:
+  """Where every token-choice goes. All arrays are [G, S, K]."""
+  expert_index: jax.Array  # [G, S, K] int32, chosen expert per choice
+  slot: jax.Array  # [G, S, K] int32, position in the expert buffer (< C if kept)
+  gate: jax.Array  # [G, S, K] float32, combine weight before drops
+  request: jax.Array  # [G, S, K] bool, asked for a slot (valid, not sampled out)
+  kept: jax.Array  # [G, S, K] bool, request and got a slot (slot < C)
+  num_experts: int = struct.field(pytree_node=False)
+  capacity: int = struct.field(pytree_node=False)
+
+  @property
+  def combine_weight(self) -> jax.Array:
+    """[G, S, K] float32: the gate where kept, exactly 0 where dropped."""
+    return jnp.where(self.kept, self.gate, 0.0)
+
+
+def check_choice(name: str, value, allowed) -> None:
+  """Raises ValueError naming `name` unless `value` is one of `allowed`."""
+  if value not in allowed:
+    raise ValueError(f'{name}={value!r} is not supported; allowed values: '
+                     f'{", ".join(repr(a) for a in allowed)}.')
+
+
+def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[G, S, D] x [D, E] -> [G, S, E] logits, computed in float32."""
+  x = x.astype(jnp.float32)
+  kernel = kernel.astype(jnp.float32)
+  return jnp.einsum('GSD,DE->GSE', x, kernel,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def jitter(x: jax.Array, rng: jax.Array, eps: float) -> jax.Array:
+  """Multiplies x [..., D] by noise drawn from U[1 - eps, 1 + eps]."""
+  noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+  return x.astype(jnp.float32) * noise
+
+
+def scores_from_logits(logits: jax.Array, score_fn: str) -> jax.Array:
+  """[G, S, E] logits -> [G, S, E] scores ('softmax' or 'sigmoid' over E)."""
+  check_choice('score_fn', score_fn, SCORE_FNS)
+  if score_fn == 'softmax':
+    return jax.nn.softmax(logits, axis=-1)
+  return jax.nn.sigmoid(logits)
+
+
+def select_top_k(scores: jax.Array, k: int,
+                 bias: Optional[jax.Array] = None):
+  """Top-K experts per token.
+
+  Args:
+    scores: [G, S, E] router scores.
+    k: K, experts per token (1 <= K <= E).
+    bias: optional [E] selection bias (loss-free balancing). It changes which
+      experts are chosen, never the gate of a chosen expert.
+
+  Returns:
+    expert_index [G, S, K] int32 (best first; ties go to the lower index) and
+    gate [G, S, K] float32, the *unbiased* scores of the chosen experts.
+  """
+  selection = scores if bias is None else scores + bias.astype(scores.dtype)
+  _, expert_index = jax.lax.top_k(selection, k)
+  gate = jnp.take_along_axis(scores, expert_index, axis=-1)
+  return expert_index.astype(jnp.int32), gate.astype(jnp.float32)
+
+
+def normalize_gates(gate: jax.Array, renormalize: bool,
+                    scale: float = 1.0) -> jax.Array:
+  """[G, S, K] gates, optionally renormalised to sum to 1, times `scale`."""
+  if renormalize:
+    gate = gate / jnp.maximum(gate.sum(-1, keepdims=True), 1e-9)
+  return gate * scale
+
+
+def random_second_expert(gate: jax.Array, rng: jax.Array,
+                         threshold: float = 0.2) -> jax.Array:
+  """GShard 'random' policy: which choices request a slot at all.
+
+  The first choice always does. Choice k >= 1 does with probability
+  min(1, g_k / threshold), g_k its gate renormalised over the K choices.
+
+  Args:
+    gate: [G, S, K] gates before any renormalisation or scaling.
+    rng: PRNG key.
+    threshold: GShard's 0.2.
+
+  Returns:
+    [G, S, K] bool.
+  """
+  normalized = gate / jnp.maximum(gate.sum(-1, keepdims=True), 1e-9)
+  uniform = jax.random.uniform(rng, gate.shape, jnp.float32)
+  keep = uniform < normalized / threshold
+  return keep.at[..., 0].set(True)
+
+
+def _order_requests(onehot: jax.Array, priority: str) -> jax.Array:
+  """[G, S, K, E] -> [G, S*K, E] in the order that claims slots first."""
+  g, s, k, e = onehot.shape
+  if priority == 'token':
+    return onehot.reshape(g, s * k, e)
+  return onehot.transpose(0, 2, 1, 3).reshape(g, k * s, e)
+
+
+def _unorder_positions(position: jax.Array, priority: str, s: int,
+                       k: int) -> jax.Array:
+  """Inverse of `_order_requests` for [G, S*K] positions -> [G, S, K]."""
+  g = position.shape[0]
+  if priority == 'token':
+    return position.reshape(g, s, k)
+  return position.reshape(g, k, s).transpose(0, 2, 1)
+
+
+def assign_slots(expert_index: jax.Array, request: jax.Array,
+                 num_experts: int, capacity: int, priority: str = 'choice',
+                 priority_score: Optional[jax.Array] = None):
+  """Gives every requesting token-choice a slot in its expert's buffer.
+
+  Args:
+    expert_index: [G, S, K] int, chosen experts.
+    request: [G, S, K] bool, False for padding and for choices the random
+      policy removed; those take no capacity.
+    num_experts: E.
+    capacity: C.
+    priority: 'choice' | 'token' | 'score' (see module docstring).
+    priority_score: [G, S], used by 'score' (the top-1 score).
+
+  Returns:
+    slot [G, S, K] int32 (the claim order among the expert's requests) and
+    kept [G, S, K] bool (request and slot < C).
+  """
+  check_choice('priority', priority, PRIORITIES)
+  g, s, k = expert_index.shape
+  onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)
+  onehot = onehot * request[..., None].astype(jnp.int32)  # [G, S, K, E]
+  if priority == 'score':
+    if priority_score is None:
+      raise ValueError("priority='score' needs priority_score [G, S].")
+    # Stable sort: equal scores keep position order.
+    perm = jnp.argsort(-priority_score, axis=1, stable=True)  # [G, S]
+    onehot = jnp.take_along_axis(onehot, perm[:, :, None, None], axis=1)
+  ordered = _order_requests(onehot, priority)  # [G, S*K, E]
+  position = jnp.cumsum(ordered, axis=1) - 1
+  position = jnp.sum(position * ordered, axis=-1)  # [G, S*K]
+  slot = _unorder_positions(position, priority, s, k)  # [G, S, K]
+  if priority == 'score':
+    inverse = jnp.argsort(perm, axis=1)
+    slot = jnp.take_along_axis(slot, inverse[:, :, None], axis=1)
+  kept = request & (slot < capacity)
+  return slot.astype(jnp.int32), kept
+
+
+def route_top_k(scores: jax.Array, k: int, capacity: int,
+                priority: str = 'choice',
+                valid: Optional[jax.Array] = None,
+                bias: Optional[jax.Array] = None,
+                renormalize: bool = False, scale: float = 1.0,
+                second_expert_rng: Optional[jax.Array] = None,
+                second_expert_threshold: float = 0.2) -> RoutingDecision:
+  """Token-choice top-K routing with capacity, from scores.
+
+  Args:
+    scores: [G, S, E] router scores (probabilities for softmax).
+    k: K.
+    capacity: C.
+    priority: overflow priority, 'choice' | 'token' | 'score'.
+    valid: optional [G, S] bool, False for padding tokens.
+    bias: optional [E] selection bias.
+    renormalize: renormalise the K gates to sum to 1.
+    scale: routed scaling factor applied to the gates.
+    second_expert_rng: if given, apply GShard's 'random' policy to choices
+      k >= 1 with this key (training only; the caller decides).
+    second_expert_threshold: the policy's threshold (0.2).
+
+  Returns:
+    A RoutingDecision.
+
+  Example (3 tokens, E=3, K=2, C=2, 'choice'): probs
+  [[.4,0,.2],[.5,.1,.4],[.3,.2,.6]] give token 0 -> (expert 0, slot 0) and
+  (2, 1); token 1 -> (0, 1) and expert 2 dropped; token 2 -> (2, 0) and
+  expert 0 dropped.
+  """
+  g, s, e = scores.shape
+  expert_index, gate = select_top_k(scores, k, bias)
+  valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
+  request = jnp.broadcast_to(valid[..., None], (g, s, k))
+  if second_expert_rng is not None and k > 1:
+    request = request & random_second_expert(gate, second_expert_rng,
+                                              second_expert_threshold)
+  slot, kept = assign_slots(expert_index, request, e, capacity, priority,
+                            priority_score=gate[..., 0])
+  gate = normalize_gates(gate, renormalize, scale)
+  return RoutingDecision(expert_index=expert_index, slot=slot, gate=gate,
+                         request=request, kept=kept, num_experts=e,
+                         capacity=capacity)
+
+
+class Router(nn.Module):
+  """Linen token-choice router: x [G, S, D] -> (RoutingDecision, aux).
+
+  Params: `kernel` [D, E], always float32 (Switch: a low-precision router
+  is unstable). Randomness (jitter, the 'random' second-expert policy) is
+  drawn from the 'router' RNG stream and used only when
+  `deterministic=False`.
+
+  aux holds `aux_loss` (Switch load balance), `z_loss` and the metrics of
+  `moejax.losses.routing_metrics`.
+  """
+  num_experts: int
+  top_k: int = 1
+  score_fn: str = 'softmax'
+  priority: str = 'choice'
+  renormalize: bool = False
+  routed_scaling: float = 1.0
+  second_expert_policy: str = 'all'
+  second_expert_threshold: float = 0.2
+  jitter_eps: float = 0.0
+  # Switch Transformer: truncated normal with scale 0.1 / fan_in.
+  kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
+      0.1, 'fan_in', 'truncated_normal')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, capacity: int,
+               valid: Optional[jax.Array] = None,
+               deterministic: bool = True):
+    """Routes x [G, S, D]; valid [G, S] bool (False = padding)."""
+    check_choice('score_fn', self.score_fn, SCORE_FNS)
+    check_choice('second_expert_policy', self.second_expert_policy,
+                 SECOND_EXPERT_POLICIES)
+    g, s, d = x.shape
+    valid = jnp.ones((g, s), bool) if valid is None else valid
+    kernel = self.param('kernel', self.kernel_init, (d, self.num_experts),
+                        jnp.float32)
+    x_router = x
+    if not deterministic and self.jitter_eps > 0:
+      x_router = jitter(x, self.make_rng('router'), self.jitter_eps)
+    logits = router_logits(x_router, kernel)  # [G, S, E]
+    scores = scores_from_logits(logits, self.score_fn)
+    policy_rng = None
+    if not deterministic and self.second_expert_policy == 'random':
+      policy_rng = self.make_rng('router')
+    decision = route_top_k(
+        scores, self.top_k, capacity, self.priority, valid,
+        renormalize=self.renormalize, scale=self.routed_scaling,
+        second_expert_rng=policy_rng,
+        second_expert_threshold=self.second_expert_threshold)
+    probs = losses.expert_probs(scores, self.score_fn)
+    aux = {'aux_loss': losses.load_balance_loss(probs, decision, valid),
+           'z_loss': losses.z_loss(logits, valid)}
+    aux.update(losses.routing_metrics(probs, decision, valid))
+    return decision, aux

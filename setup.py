@@ -1,0 +1,30 @@
+"""moejax: sparse Mixture-of-Experts research framework in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='moejax',
+    version='0.1.0',
+    description='Sparse Mixture-of-Experts layers, routers and experiments '
+                'in JAX/Flax.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['moejax', 'moejax.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'absl-py',
+        'array_record',  # TFDS's on-disk format without TensorFlow
+        'flax>=0.10',
+        'grain',
+        'jax>=0.6',
+        'matplotlib',  # run plots (loss curves, expert load)
+        'ml-collections',
+        'numpy',
+        'optax',
+        'orbax-checkpoint',
+        'tensorflow-datasets',
+    ],
+    extras_require={
+        'test': ['pytest', 'hypothesis'],
+    },
+)

@@ -1,0 +1,68 @@
+"""A naive, loop-based numpy MoE layer: the reference the fast code must match.
+
+It re-derives routing from the parameters with explicit Python loops
+(softmax, top-K, choice / token / score priority counting), then applies
+each kept choice's expert FFN to its token, one token at a time.
+"""
+
+import numpy as np
+
+
+def _gelu(x):  # tanh approximation, as jax.nn.gelu's default
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def ffn(x, params, e, activation):
+  """One expert's FFN on one token x [D]."""
+  if activation in ('relu', 'gelu'):
+    h = x @ params['wi'][e]
+    h = np.maximum(h, 0) if activation == 'relu' else _gelu(h)
+  else:
+    gate = x @ params['wi_0'][e]
+    gate = _silu(gate) if activation == 'swiglu' else _gelu(gate)
+    h = gate * (x @ params['wi_1'][e])
+  return h @ params['wo'][e]
+
+
+def route(probs, k, capacity, priority, valid):
+  """probs [S, E] -> list over tokens of [(expert, gate, kept)] * K."""
+  s, e = probs.shape
+  choices = [list(np.argsort(-probs[t], kind='stable')[:k]) for t in range(s)]
+  tokens = list(range(s))
+  if priority == 'score':
+    tokens = sorted(tokens, key=lambda t: -probs[t, choices[t][0]])
+  if priority == 'token':
+    order = [(t, j) for t in tokens for j in range(k)]
+  else:  # 'choice' and 'score' are choice-major
+    order = [(t, j) for j in range(k) for t in tokens]
+  used = [0] * e
+  kept = {}
+  for t, j in order:
+    if not valid[t]:
+      kept[t, j] = False
+      continue
+    expert = choices[t][j]
+    kept[t, j] = used[expert] < capacity
+    used[expert] += 1
+  return [[(choices[t][j], probs[t, choices[t][j]], kept[t, j])
+           for j in range(k)] for t in range(s)]
+
+
+def moe_layer(x, valid, params, k, capacity, priority, activation):
+  """x [G, S, D], valid [G, S] -> y [G, S, D], by explicit loops."""
+  params = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  x = np.asarray(x, np.float64)
+  y = np.zeros_like(x)
+  for g in range(x.shape[0]):
+    logits = x[g] @ params['router']
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for t, choices in enumerate(route(probs, k, capacity, priority, valid[g])):
+      for expert, gate, kept in choices:
+        if kept:
+          y[g, t] += gate * ffn(x[g, t], params, expert, activation)
+  return y

@@ -1,0 +1,79 @@
+"""Load-balance loss, z-loss and routing metrics on hand cases."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import losses, routing
+
+
+def test_load_balance_loss_issue_case():
+  # E=2, K=1: choices e0,e0,e1,e0 -> f = [.75, .25];
+  # P = [(.9+.8+.3+.6)/4, (.1+.2+.7+.4)/4] = [.65, .35];
+  # loss = 2 * (.75*.65 + .25*.35) = 1.15.
+  probs = jnp.array([[[.9, .1], [.8, .2], [.3, .7], [.6, .4]]])
+  decision = routing.route_top_k(probs, k=1, capacity=4)
+  loss = losses.load_balance_loss(probs, decision, jnp.ones((1, 4), bool))
+  np.testing.assert_allclose(loss, 1.15, rtol=1e-6)
+
+
+def test_load_balance_loss_counts_all_k_choices_normalised_by_k():
+  # E=3, K=2 on the routing hand case: choices {0,2},{0,2},{2,0} ->
+  # f = [3/6, 0, 3/6]; P = [(.4+.5+.3)/3, (0+.1+.2)/3, (.2+.4+.6)/3]
+  # = [.4, .1, .4]; loss = 3 * (.5*.4 + 0 + .5*.4) = 1.2.
+  probs = jnp.array([[[.4, 0., .2], [.5, .1, .4], [.3, .2, .6]]])
+  decision = routing.route_top_k(probs, k=2, capacity=1)
+  loss = losses.load_balance_loss(probs, decision, jnp.ones((1, 3), bool))
+  np.testing.assert_allclose(loss, 1.2, rtol=1e-6)
+
+
+def test_load_balance_is_one_at_perfect_balance_and_averages_groups():
+  # Group 0: each expert chosen once with P uniform-ish -> E*sum(f*P) where
+  # f = [.5, .5]; P = [.5, .5] -> 1.0. Group 1: f = [1, 0], P = [.8, .2]
+  # -> 2 * .8 = 1.6. Mean over groups = 1.3.
+  probs = jnp.array([[[.6, .4], [.4, .6]], [[.8, .2], [.8, .2]]])
+  decision = routing.route_top_k(probs, k=1, capacity=2)
+  loss = losses.load_balance_loss(probs, decision, jnp.ones((2, 2), bool))
+  np.testing.assert_allclose(loss, 1.3, rtol=1e-6)
+
+
+def test_z_loss():
+  # logsumexp([0, 0]) = ln 2 -> (ln 2)^2 = 0.480453.
+  z = losses.z_loss(jnp.zeros((1, 1, 2)), jnp.ones((1, 1), bool))
+  np.testing.assert_allclose(z, math.log(2) ** 2, rtol=1e-6)
+  assert abs(math.log(2) ** 2 - 0.480453) < 1e-6
+
+
+def test_metrics_hand_case():
+  # Routing hand case, K=2, C=2, 'choice': 2 of 6 assignments dropped.
+  probs = jnp.array([[[.4, 0., .2], [.5, .1, .4], [.3, .2, .6]]])
+  decision = routing.route_top_k(probs, k=2, capacity=2)
+  m = losses.routing_metrics(probs, decision, jnp.ones((1, 3), bool))
+  np.testing.assert_allclose(m['expert_load'], [.5, 0., .5], atol=1e-7)
+  np.testing.assert_allclose(m['max_violation'], 3 * .5 - 1, rtol=1e-6)
+  np.testing.assert_allclose(m['drop_fraction'], 2 / 6, rtol=1e-6)
+  np.testing.assert_allclose(m['fully_dropped_fraction'], 0.0)
+  np.testing.assert_allclose(m['top1_prob'], (.4 + .5 + .6) / 3, rtol=1e-6)
+  assert float(m['capacity']) == 2.0
+
+
+def test_metrics_fully_dropped_and_entropy():
+  # E=2, K=1, C=1, two tokens both choose e0: the second is fully dropped.
+  # Entropy of [.75, .25] = -(.75 ln .75 + .25 ln .25) = 0.562335.
+  probs = jnp.array([[[.75, .25], [.75, .25]]])
+  decision = routing.route_top_k(probs, k=1, capacity=1)
+  m = losses.routing_metrics(probs, decision, jnp.ones((1, 2), bool))
+  np.testing.assert_allclose(m['fully_dropped_fraction'], 0.5)
+  np.testing.assert_allclose(m['drop_fraction'], 0.5)
+  np.testing.assert_allclose(m['router_entropy'], 0.562335, rtol=1e-5)
+  np.testing.assert_allclose(m['max_violation'], 1.0)  # 2 * 1.0 - 1
+
+
+@pytest.mark.parametrize('score_fn', ['softmax', 'sigmoid'])
+def test_expert_probs_sum_to_one(score_fn):
+  logits = jnp.array([[[1., -2., .5]]])
+  probs = losses.expert_probs(routing.scores_from_logits(logits, score_fn),
+                              score_fn)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
