@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import moejax
+from tests.conftest import init_key
 
 D, F = 8, 16
 
@@ -31,7 +32,7 @@ def test_jitter_changes_routing_never_expert_inputs():
   layer = moejax.MoeLayer(num_experts=4, d_ff=F, top_k=2, jitter_eps=0.5,
                           capacity_factor=1.0)
   x = _x()
-  variables = layer.init(jax.random.key(1), x)
+  variables = layer.init(init_key(1), x)
   rngs = {'router': jax.random.key(7)}
   rows = _dispatched_rows(layer, variables, x, deterministic=False, rngs=rngs)
   tokens = np.asarray(x).reshape(-1, D)
@@ -52,7 +53,7 @@ def test_eval_is_reproducible_and_never_random(kwargs):
   layer = moejax.MoeLayer(num_experts=4, d_ff=F, top_k=2, **kwargs)
   base = moejax.MoeLayer(num_experts=4, d_ff=F, top_k=2)
   x = _x()
-  variables = layer.init(jax.random.key(1), x)
+  variables = layer.init(init_key(1), x)
   # A decisive router, so that renormalised second gates fall below the
   # 0.2 threshold and the 'random' policy really samples.
   variables['params']['router']['kernel'] *= 30.0
@@ -77,7 +78,7 @@ def test_train_and_eval_capacity_factors():
   layer = moejax.MoeLayer(num_experts=4, d_ff=F, capacity_factor=0.5,
                           eval_capacity_factor=2.0)
   x = _x()
-  variables = layer.init(jax.random.key(1), x)
+  variables = layer.init(init_key(1), x)
   _, aux_train = layer.apply(variables, x, deterministic=False)
   _, aux_eval = layer.apply(variables, x, deterministic=True)
   assert float(aux_train['capacity']) == 4.0
@@ -101,7 +102,7 @@ def test_param_tree_layout(activation, inputs):
 
 def test_experts_are_initialised_independently():
   bank = moejax.ExpertBank(num_experts=4, d_ff=256)
-  params = bank.init(jax.random.key(0), jnp.zeros((1, 4, 1, 128)))['params']
+  params = bank.init(init_key(0), jnp.zeros((1, 4, 1, 128)))['params']
   wi = np.asarray(params['wi'])  # [E, D=128, F=256]
   # Fan-in per expert is D = 128 (not E*D): std ~ 1/sqrt(128) = 0.0884
   # (truncated normal keeps the variance). 32768 draws: ~1% error.
@@ -114,7 +115,7 @@ def test_bf16_compute_keeps_router_float32():
   x = _x()
   f32 = moejax.MoeLayer(num_experts=4, d_ff=F, top_k=2)
   bf16 = f32.clone(dtype=jnp.bfloat16)
-  variables = f32.init(jax.random.key(1), x)
+  variables = f32.init(init_key(1), x)
   y32, aux32 = f32.apply(variables, x)
   y16, aux16 = bf16.apply(variables, x)
   assert y16.dtype == jnp.bfloat16
@@ -129,9 +130,9 @@ def test_group_size_and_padding_to_groups():
   x = _x(2, 12)
   layer = moejax.MoeLayer(num_experts=4, d_ff=F, group_size=5)
   with pytest.raises(ValueError, match='group_size'):
-    layer.init(jax.random.key(0), x)
+    layer.init(init_key(0), x)
   padded = layer.clone(pad_to_group=True)
-  variables = padded.init(jax.random.key(0), x)
+  variables = padded.init(init_key(0), x)
   # 24 tokens in groups of 5: 5 groups, the last one holds 4 tokens and one
   # padding slot, which takes no capacity and is cut from the output.
   y, _ = _jit_apply(padded)(variables, x)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import moejax
+from tests.conftest import init_key
 from moejax import losses, routing
 
 
@@ -86,7 +87,7 @@ def test_losses_and_metrics_ignore_padding(case):
 _LAYER = moejax.MoeLayer(num_experts=4, d_ff=8, top_k=2, capacity_factor=0.75,
                          min_capacity=1, group_size=6)
 _X = jax.random.normal(jax.random.key(0), (2, 6, 4))
-_VARS = _LAYER.init(jax.random.key(1), _X)
+_VARS = _LAYER.init(init_key(1), _X)
 _APPLY = jax.jit(lambda x, pad: _LAYER.apply(_VARS, x, pad,
                                              deterministic=False))
 
