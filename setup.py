@@ -22,7 +22,9 @@ setuptools.setup(
         'numpy',
         'optax',
         'orbax-checkpoint',
+        'tensorboardX',  # TensorBoard event files without TensorFlow
         'tensorflow-datasets',
+        'tqdm',  # progress bar
     ],
     extras_require={
         'test': ['pytest', 'hypothesis'],

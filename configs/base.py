@@ -1,0 +1,107 @@
+"""Shared defaults of the dense / switch / gshard configs.
+
+Every key a run may set lives here: `experiments.config_lib.validate_config`
+rejects keys outside this tree and values whose type differs from the type
+here (see `NULLABLE` for keys that may also be None). The three experiment
+configs only change the `model.moe` block and pick a size variant.
+
+Variants (`SIZES`):
+  tiny   L=64, D=64, F=128, 2 layers, E=4, B=16, 300 steps: a smoke run.
+  small  L=128, D=128, F=256, 4 layers, E=8, B=8, 1000 steps: the research
+         baseline (switch and gshard end below dense at equal steps).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Keys whose value may be None besides the type of their default.
+NULLABLE = {
+    'data.data_dir': str,  # None -> ~/tensorflow_datasets
+    'data.pad_id': int,  # None -> no padding token
+    'model.moe.capacity_factor': float,  # None -> dropless
+    'model.moe.eval_capacity_factor': float,
+    'model.moe.group_size': int,  # None -> one group per sequence
+}
+
+SIZES = {
+    'tiny': dict(
+        train=dict(steps=300, batch_size=16, learning_rate=1e-2,
+                   warmup_steps=30, log_every=25, eval_every=100,
+                   checkpoint_every=100, eval_batches=4),
+        data=dict(seq_len=64, example_len=65, num_train=8192, num_eval=256),
+        model=dict(num_layers=2, d_model=64, num_heads=4, d_ff=128),
+        moe=dict(num_experts=4)),
+    'small': dict(
+        train=dict(steps=1000, batch_size=8, learning_rate=3e-3,
+                   warmup_steps=100, log_every=50, eval_every=250,
+                   checkpoint_every=250, eval_batches=8),
+        data=dict(seq_len=128, example_len=129, num_train=20000,
+                  num_eval=512),
+        model=dict(num_layers=4, d_model=128, num_heads=4, d_ff=256),
+        moe=dict(num_experts=8)),
+}
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The full key tree with defaults (a dense model of the 'tiny' size).
+
+  Returns:
+    ConfigDict with sections `train`, `data`, `model` (and `model.moe`),
+    plus the top-level `seed`.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # init params and the per-step RNG; also the data shuffle seed
+  c.train = ml_collections.ConfigDict(dict(
+      steps=300, batch_size=16, learning_rate=1e-2, warmup_steps=30,
+      min_lr_ratio=0.1,  # cosine decays to learning_rate * min_lr_ratio
+      weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95,
+      log_every=25, eval_every=100, checkpoint_every=100,
+      keep_checkpoints=2, eval_batches=4))
+  c.data = ml_collections.ConfigDict(dict(
+      name='synthetic_mixture',  # | 'local_text' | a prepared TFDS name
+      data_dir=None, seq_len=64,
+      example_len=65,  # stored tokens per example (>= seq_len + 1)
+      train_split='train', eval_split='validation',
+      # synthetic_mixture generator
+      num_domains=8, vocab_size=256, support=8, alpha=0.5, seed=0,
+      num_train=8192, num_eval=256,
+      # local_text: glob of text files; TFDS: text feature name
+      pattern='', text_key='text',
+      pad_id=None))  # token id ignored by the loss (e.g. 0 for TFDS text)
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=2, d_model=64, num_heads=4, d_ff=128, activation='gelu',
+      tie_embeddings=True, rope_base=1e4, dtype='float32',
+      param_dtype='float32'))
+  c.model.moe = ml_collections.ConfigDict(dict(
+      num_experts=0,  # 0: dense
+      top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0,
+      min_capacity=4, router='topk', score_fn='softmax',
+      dispatcher='gather', priority='choice', second_expert_policy='all',
+      jitter_eps=0.0, group_size=None, moe_every=1, first_dense_layers=0,
+      aux_loss_weight=0.01, z_loss_weight=0.0))
+  return c
+
+
+def sized_config(variant, moe_overrides: dict) -> ml_collections.ConfigDict:
+  """Base config resized to a variant, with MoE settings on top.
+
+  Args:
+    variant: 'tiny' | 'small' (None -> 'tiny').
+    moe_overrides: `model.moe` values set after the size (e.g. top_k;
+      num_experts=0 for dense).
+
+  Returns:
+    The filled ConfigDict.
+  """
+  variant = variant or 'tiny'
+  if variant not in SIZES:
+    raise ValueError(f'config variant {variant!r} is not supported; allowed '
+                     f'values: {", ".join(map(repr, SIZES))}.')
+  c = get_base_config()
+  size = SIZES[variant]
+  for section in ('train', 'data', 'model'):
+    c[section].update(size[section])
+  c.model.moe.update(size['moe'])
+  c.model.moe.update(moe_overrides)
+  return c

@@ -1,0 +1,418 @@
+"""Config loading, overrides, validation and the builders of a run.
+
+Everything here raises ValueError with a message naming the full config key
+(e.g. `model.moe.top_k`), the bad value and what is allowed, before any
+data is built or anything compiles. `experiments.train` turns these into
+`error: <message>` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import re
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import ml_collections
+
+from configs import base as base_config
+from moejax import ACTIVATIONS
+from moejax import data as data_lib
+from moejax.models import TransformerLM
+from moejax.train import optim
+
+# float16 is left out: it would need loss scaling.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BUILTIN_DATA = ('synthetic_mixture', 'local_text')
+SYNTHETIC_KEYS = ('num_domains', 'vocab_size', 'support', 'alpha', 'seed',
+                  'example_len', 'num_train', 'num_eval')
+# model.moe keys passed to MoeLayer (the rest are loss weights / placement).
+MOE_LAYER_KEYS = ('num_experts', 'top_k', 'capacity_factor',
+                  'eval_capacity_factor', 'min_capacity', 'router',
+                  'score_fn', 'dispatcher', 'priority',
+                  'second_expert_policy', 'jitter_eps', 'group_size')
+# TransformerLM argument -> config key (MoeLayer arguments: model.moe.<arg>).
+MODEL_ARG_KEYS = {
+    'vocab_size': 'data.vocab_size', 'num_layers': 'model.num_layers',
+    'd_model': 'model.d_model', 'num_heads': 'model.num_heads',
+    'd_ff': 'model.d_ff', 'activation': 'model.activation',
+    'moe_every': 'model.moe.moe_every',
+    'first_dense_layers': 'model.moe.first_dense_layers',
+}
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------ load, override
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]`: the file's `get_config(arg)`.
+
+  Args:
+    spec: e.g. 'configs/switch.py:tiny'; a relative path is tried from the
+      working directory, then from the repository root.
+
+  Returns:
+    The ConfigDict.
+  """
+  path, _, arg = spec.partition(':')
+  candidates = [path, os.path.join(_REPO_ROOT, path)]
+  found = next((p for p in candidates if os.path.isfile(p)), None)
+  if found is None:
+    raise ValueError(f'--config file {path!r} does not exist.')
+  name = 'moejax_config_' + re.sub(r'\W', '_', os.path.basename(found)[:-3])
+  module_spec = importlib.util.spec_from_file_location(name, found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'--config file {found!r} has no get_config(arg).')
+  return module.get_config(arg or None)
+
+
+def parse_value(text: str) -> Any:
+  """Command-line text -> Python value ('none' -> None, 'true' -> True,
+  Python literals via ast.literal_eval, anything else stays a string)."""
+  low = text.strip().lower()
+  if low in ('none', 'null'):
+    return None
+  if low in ('true', 'false'):
+    return low == 'true'
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ('model.moe.top_k') to values; keys must exist.
+
+  Args:
+    config: the loaded config.
+    overrides: {dotted key: value}.
+
+  Returns:
+    A new ConfigDict (types are checked later by validate_config).
+  """
+  tree = config.to_dict()
+  for key, value in overrides.items():
+    node, parts = tree, key.split('.')
+    for i, part in enumerate(parts):
+      if not isinstance(node, dict) or part not in node:
+        _unknown_key(key, flatten(config.to_dict()))
+      if i == len(parts) - 1:
+        node[part] = value
+      node = node[part]
+  return ml_collections.ConfigDict(tree)
+
+
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1} (dicts are recursed into, not leaves)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(dict(value), f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _unknown_key(key: str, known: dict[str, Any]) -> None:
+  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+  hint = f' Did you mean {", ".join(close)}?' if close else ''
+  raise ValueError(f'unknown config key {key!r}: it is not in the base '
+                   f'config (configs/base.py).{hint}')
+
+
+# ---------------------------------------------------------------- validation
+def _type_name(kind) -> str:
+  return {int: 'an int', float: 'a number', str: 'a string',
+          bool: 'a bool'}.get(kind, kind.__name__)
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+  """Raises unless `value` has the type of the base default `default`."""
+  kind = base_config.NULLABLE.get(key, type(default))
+  if value is None and key in base_config.NULLABLE:
+    return
+  if kind is bool:
+    ok = isinstance(value, bool)
+  elif kind is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif kind is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  else:
+    ok = isinstance(value, kind)
+  if not ok:
+    none = ' or None' if key in base_config.NULLABLE else ''
+    raise ValueError(f'{key}={value!r} has the wrong type: expected '
+                     f'{_type_name(kind)}{none}, got {type(value).__name__}.')
+
+
+def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+  """Every key of `config` is in the base config, with the base's type."""
+  known = flatten(base_config.get_base_config().to_dict())
+  given = flatten(config.to_dict())
+  for key, value in given.items():
+    if key not in known:
+      _unknown_key(key, known)
+    _check_type(key, value, known[key])
+  missing = sorted(set(known) - set(given))
+  if missing:
+    raise ValueError(f'config key {missing[0]!r} is missing (every key of '
+                     'configs/base.py must be set).')
+
+
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f'{key}={value!r} is not allowed; allowed values: '
+                     f'{allowed}.')
+
+
+def _check_train(config: ml_collections.ConfigDict) -> None:
+  """Ranges of the train.* keys and the seed."""
+  t = config.train
+  _require('seed', config.seed, 0 <= config.seed < 2**32, '[0, 2**32)')
+  for name in ('steps', 'batch_size', 'log_every', 'eval_every',
+               'checkpoint_every', 'keep_checkpoints', 'eval_batches'):
+    _require(f'train.{name}', t[name], t[name] >= 1, 'an int >= 1')
+  _require('train.learning_rate', t.learning_rate, t.learning_rate > 0,
+           'a number > 0')
+  for name in ('warmup_steps', 'weight_decay', 'grad_clip'):
+    _require(f'train.{name}', t[name], t[name] >= 0, '>= 0')
+  for name in ('b1', 'b2'):
+    _require(f'train.{name}', t[name], 0 <= t[name] < 1, '[0, 1)')
+  _require('train.min_lr_ratio', t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1,
+           '[0, 1]')
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  """data.* keys: name, lengths against the stored length, split sizes."""
+  d, t = config.data, config.train
+  _require('data.name', d.name, bool(d.name.strip()),
+           f'{", ".join(map(repr, BUILTIN_DATA))} or a prepared TFDS name')
+  _require('data.seq_len', d.seq_len, d.seq_len >= 1, 'an int >= 1')
+  if d.seq_len + 1 > d.example_len:
+    raise ValueError(
+        f'data.seq_len={d.seq_len} needs seq_len + 1 = {d.seq_len + 1} tokens'
+        f' per example, but the stored example length data.example_len is '
+        f'{d.example_len}; allowed values: data.seq_len <= '
+        f'{d.example_len - 1}, or raise data.example_len.')
+  if d.name == 'synthetic_mixture':
+    try:
+      data_lib.synthetic_mixture_config(
+          **{k: d[k] for k in SYNTHETIC_KEYS})
+    except ValueError as e:
+      raise ValueError(f'data (synthetic_mixture): {e}') from e
+    needed = t.eval_batches * t.batch_size
+    if d.num_eval < needed:
+      raise ValueError(
+          f'data.num_eval={d.num_eval} is too small for train.eval_batches='
+          f'{t.eval_batches} x train.batch_size={t.batch_size}; allowed '
+          f'values: data.num_eval >= {needed}.')
+  if d.name == 'local_text':
+    _require('data.pattern', d.pattern, bool(d.pattern),
+             'a glob of text files (required for local_text)')
+  if d.pad_id is not None:
+    _require('data.pad_id', d.pad_id, 0 <= d.pad_id < vocab_size(config),
+             f'None or a token id in [0, {vocab_size(config)})')
+
+
+def _prefixed(error: ValueError, layer_args: bool) -> ValueError:
+  """Renames the argument a model error starts with to its config key."""
+  message = str(error)
+  match = re.match(r'[A-Za-z_]+', message)
+  name = match.group(0) if match else ''
+  if name in MODEL_ARG_KEYS:
+    key = MODEL_ARG_KEYS[name]
+  elif layer_args and name in MOE_LAYER_KEYS:
+    key = f'model.moe.{name}'
+  else:
+    return ValueError(f'model: {message}')
+  return ValueError(key + message[len(name):])
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  """model.* keys, by building TransformerLM (and so its MoeLayers)."""
+  m, d, t = config.model, config.data, config.train
+  for key in ('dtype', 'param_dtype'):
+    _require(f'model.{key}', m[key], m[key] in DTYPES,
+             ', '.join(map(repr, DTYPES)))
+  _require('model.activation', m.activation, m.activation in ACTIVATIONS,
+           ', '.join(map(repr, ACTIVATIONS)))
+  moe = m.moe
+  _require('model.moe.num_experts', moe.num_experts, moe.num_experts >= 0,
+           '0 (dense) or an int >= 1')
+  try:
+    model = build_model(config)
+  except ValueError as e:
+    raise _prefixed(e, layer_args=True) from e
+  if moe.num_experts and not model.moe_layers:
+    raise ValueError(
+        f'model.moe.first_dense_layers={moe.first_dense_layers} with '
+        f'model.moe.moe_every={moe.moe_every} leaves no MoE layer among '
+        f'model.num_layers={m.num_layers}; set model.moe.num_experts=0 for a '
+        'dense model.')
+  tokens = t.batch_size * d.seq_len
+  if moe.num_experts and moe.group_size and tokens % moe.group_size:
+    raise ValueError(
+        f'model.moe.group_size={moe.group_size} does not divide the {tokens} '
+        f'tokens of a batch (train.batch_size={t.batch_size} x data.seq_len='
+        f'{d.seq_len}); allowed values: None or a divisor of {tokens}.')
+  for name in ('aux_loss_weight', 'z_loss_weight'):
+    _require(f'model.moe.{name}', moe[name], moe[name] >= 0, '>= 0')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks a whole config; raises ValueError naming the first bad key.
+
+  Covers unknown / missing keys, types, train ranges, data (name, seq_len
+  against data.example_len, split sizes) and the model and MoE arguments
+  (through TransformerLM / MoeLayer's own validation). Nothing is built or
+  compiled.
+
+  Args:
+    config: the run config.
+  """
+  check_keys_and_types(config)
+  _check_train(config)
+  _check_data(config)
+  _check_model(config)
+
+
+# ------------------------------------------------------------------ builders
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+  """V: data.vocab_size for synthetic data, 256 (bytes) otherwise."""
+  if config.data.name == 'synthetic_mixture':
+    return config.data.vocab_size
+  return 256
+
+
+def moe_kwargs(config: ml_collections.ConfigDict) -> Optional[dict]:
+  """MoeLayer keyword args from model.moe, or None for a dense model."""
+  moe = config.model.moe
+  if moe.num_experts == 0:
+    return None
+  return {k: moe[k] for k in MOE_LAYER_KEYS}
+
+
+def build_model(config: ml_collections.ConfigDict) -> TransformerLM:
+  """The TransformerLM of a config (raises its ValueErrors unprefixed).
+
+  Args:
+    config: run config.
+
+  Returns:
+    An (unbound) TransformerLM.
+  """
+  m = config.model
+  return TransformerLM(
+      num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
+      d_ff=m.d_ff, vocab_size=vocab_size(config), activation=m.activation,
+      moe=moe_kwargs(config), moe_every=m.moe.moe_every,
+      first_dense_layers=m.moe.first_dense_layers,
+      tie_embeddings=m.tie_embeddings, rope_base=float(m.rope_base),
+      dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
+
+
+def build_optimizer(config: ml_collections.ConfigDict):
+  """AdamW + warmup-cosine + clipping from train.*.
+
+  Args:
+    config: run config.
+
+  Returns:
+    (optax GradientTransformation, learning-rate schedule).
+  """
+  t = config.train
+  schedule = optim.lr_schedule(t.learning_rate, t.warmup_steps, t.steps,
+                               t.min_lr_ratio)
+  optimizer = optim.make_optimizer(
+      t.learning_rate, t.warmup_steps, t.steps, weight_decay=t.weight_decay,
+      grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, min_lr_ratio=t.min_lr_ratio)
+  return optimizer, schedule
+
+
+def data_dir(config: ml_collections.ConfigDict) -> str:
+  """data.data_dir, or ~/tensorflow_datasets when None."""
+  return os.path.expanduser(config.data.data_dir or '~/tensorflow_datasets')
+
+
+def _source_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  d = config.data
+  if d.name == 'synthetic_mixture':
+    return {k: d[k] for k in SYNTHETIC_KEYS}
+  if d.name == 'local_text':
+    return {'pattern': d.pattern, 'example_len': d.example_len}
+  return {'text_key': d.text_key, 'example_len': d.example_len,
+          'pad': d.pad_id or 0}
+
+
+def build_data(config: ml_collections.ConfigDict):
+  """Builds (offline, if needed) the data and returns the loaders.
+
+  Args:
+    config: run config.
+
+  Returns:
+    (BatchLoader of the train split, list of train.eval_batches eval
+    batches of the eval split); batches hold 'tokens' [B, seq_len + 1].
+  """
+  d, t = config.data, config.train
+  kwargs = _source_kwargs(config)
+  try:
+    train = data_lib.load_source(d.name, d.train_split, data_dir(config),
+                                 **kwargs)
+    valid = data_lib.load_source(d.name, d.eval_split, data_dir(config),
+                                 **kwargs)
+    loader = data_lib.BatchLoader(train, batch_size=t.batch_size,
+                                  seed=config.seed, seq_len=d.seq_len)
+    evals = data_lib.eval_batches(valid, batch_size=t.batch_size,
+                                  num_batches=t.eval_batches,
+                                  seq_len=d.seq_len)
+  except Exception as e:  # pylint: disable=broad-except
+    first_line = (str(e).strip().splitlines() or [''])[0]
+    raise ValueError(
+        f'data.name={d.name!r} could not be loaded from data_dir '
+        f'{data_dir(config)!r} ({type(e).__name__}: {first_line}); allowed '
+        f'values: {", ".join(map(repr, BUILTIN_DATA))} or a TFDS dataset '
+        'already prepared (as array_record) under data.data_dir.') from e
+  return loader, evals
+
+
+def resolved_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as a plain dict with data.data_dir resolved (config.json)."""
+  out = config.to_dict()
+  out['data']['data_dir'] = data_dir(config)
+  return out
+
+
+# Keys that fix the shapes of a checkpoint: a workdir must keep them.
+_STATE_KEYS = ('model.', 'data.vocab_size', 'data.name')
+
+
+def check_resume_config(config: ml_collections.ConfigDict,
+                        workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoints have other shapes.
+
+  Compares the model.* keys, data.vocab_size and data.name with the
+  `config.json` of a workdir that already holds checkpoints.
+
+  Args:
+    config: the new run config.
+    workdir: the run directory (may not exist yet).
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not (os.path.exists(path) and
+          os.path.isdir(os.path.join(workdir, 'checkpoints'))):
+    return
+  with open(path, encoding='utf-8') as f:
+    saved = flatten(json.load(f))
+  for key, value in flatten(config.to_dict()).items():
+    if key.startswith(_STATE_KEYS) and key in saved and saved[key] != value:
+      raise ValueError(
+          f'{key}={value!r} differs from {saved[key]!r} in {path}, whose '
+          'checkpoints would not fit this model; allowed values: the saved '
+          'one, or use a fresh --workdir.')

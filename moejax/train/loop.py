@@ -1,0 +1,291 @@
+"""The training loop: resume, train, log, evaluate, checkpoint, plot.
+
+Step convention: `state.step` counts updates done. The update that uses
+`train_loader.batch(t)` turns step t into step t + 1, and everything logged,
+evaluated or checkpointed "at step s" refers to the state after s updates.
+At a step s the loop writes, in this order, the train record (if s is a log
+step), the eval record (if an eval step), then the checkpoint (if a
+checkpoint step). A run restored from the checkpoint at step s therefore
+finds every record of steps <= s on disk; records of later steps (written
+before a kill) are dropped, and the resumed run rewrites them identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from moejax.models import flops
+from moejax.train import metrics as metrics_lib
+from moejax.train import plots
+from moejax.train import state as state_lib
+from moejax.train import step as step_lib
+from moejax.train.checkpoint import Checkpointer
+
+# Train-step metrics copied into train records as 'train/<name>'.
+TRAIN_KEYS = ('loss', 'lm_loss', 'aux_loss', 'z_loss', 'drop_fraction',
+              'max_violation', 'grad_norm', 'param_norm', 'learning_rate')
+# Eval-step metrics averaged over batches into 'eval/<name>'.
+EVAL_MEAN_KEYS = ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation')
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What `train_and_evaluate` returns.
+
+  Attributes:
+    state: the final TrainState.
+    step: its step.
+    preempted: True if SIGTERM stopped the run early.
+    last_eval: the last eval record written by this call (or None).
+  """
+  state: state_lib.TrainState
+  step: int
+  preempted: bool
+  last_eval: Optional[dict]
+
+
+def evaluate(eval_step, params: Any,
+             batches: Sequence[Mapping[str, np.ndarray]],
+             step: int) -> dict[str, Any]:
+  """Evaluates `params` on fixed batches.
+
+  Args:
+    eval_step: from `step.make_eval_step`.
+    params: model params.
+    batches: eval batches {'tokens': [B, L + 1], 'optimal_nll': [B], ...}.
+    step: the step to record.
+
+  Returns:
+    {'step', 'eval/loss' (token-mean cross-entropy), 'eval/aux_loss',
+    'eval/z_loss', 'eval/drop_fraction', 'eval/max_violation' (batch
+    means), and 'eval/excess_loss' = eval/loss - mean optimal_nll when every
+    example has a finite optimal_nll (synthetic data)}.
+  """
+  outs = [metrics_lib.to_python(
+      {k: v for k, v in eval_step(params, b['tokens']).items()
+       if not k.startswith('moe/')}) for b in batches]
+  record = {'step': int(step),
+            'eval/loss': sum(o['nll_sum'] for o in outs) /
+                         max(sum(o['tokens'] for o in outs), 1.0)}
+  for key in EVAL_MEAN_KEYS:
+    record[f'eval/{key}'] = float(np.mean([o[key] for o in outs]))
+  optimal = np.concatenate([np.asarray(b['optimal_nll'], np.float64)
+                            for b in batches])
+  if optimal.size and np.all(np.isfinite(optimal)):
+    record['eval/excess_loss'] = record['eval/loss'] - float(optimal.mean())
+  return record
+
+
+def train_record(step: int, metrics: Mapping[str, Any],
+                 tokens_per_sec: float) -> dict[str, Any]:
+  """The metrics.jsonl train record of one step.
+
+  Args:
+    step: the step (after the update).
+    metrics: the train step's metrics (device arrays).
+    tokens_per_sec: measured throughput since the previous record.
+
+  Returns:
+    {'step', 'train/<TRAIN_KEYS>', 'train/tokens_per_sec', 'moe/...'}.
+  """
+  host = metrics_lib.to_python(
+      {k: v for k, v in metrics.items()
+       if k in TRAIN_KEYS or k.startswith('moe/')})
+  record = {'step': int(step)}
+  record.update({f'train/{k}': host[k] for k in TRAIN_KEYS if k in host})
+  record['train/tokens_per_sec'] = float(tokens_per_sec)
+  record.update({k: v for k, v in host.items() if k.startswith('moe/')})
+  return record
+
+
+class _StopFlag:
+  """Set by SIGTERM while installed (main thread only)."""
+
+  def __init__(self):
+    self.stop = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.stop = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _is_every(step: int, every: int, last: int) -> bool:
+  return step == last or (every > 0 and step % every == 0)
+
+
+def _start_state(model, optimizer, input_shape, seed, checkpointer,
+                 metrics_path):
+  """Restores the latest checkpoint (truncating metrics) or initialises."""
+  abstract = state_lib.abstract_train_state(model, optimizer, input_shape)
+  print(f'train state: {state_lib.tree_bytes(abstract) / 2**20:.2f} MiB '
+        f'(params + optimizer)', flush=True)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    metrics_lib.truncate_metrics(metrics_path, 0)
+    return state_lib.create_train_state(model, optimizer, input_shape, seed)
+  state = checkpointer.restore(abstract, latest)
+  kept = metrics_lib.truncate_metrics(metrics_path, int(state.step))
+  print(f'resumed from step {int(state.step)} ({kept} metric records kept)',
+        flush=True)
+  return state
+
+
+def _write_config(workdir: str, config: Optional[Mapping[str, Any]]) -> None:
+  if config is not None:
+    with open(os.path.join(workdir, 'config.json'), 'w',
+              encoding='utf-8') as f:
+      json.dump(dict(config), f, indent=2, sort_keys=True)
+      f.write('\n')
+
+
+def train_and_evaluate(
+    model: nn.Module, *, workdir: str, train_loader: Any,
+    eval_data: Sequence[Mapping[str, np.ndarray]], steps: int, seed: int,
+    optimizer: optax.GradientTransformation,
+    learning_rate_fn: Optional[optax.Schedule] = None,
+    aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
+    pad_id: Optional[int] = None, log_every: int = 50, eval_every: int = 200,
+    checkpoint_every: int = 500, keep_checkpoints: int = 2,
+    config: Optional[Mapping[str, Any]] = None,
+    progress_bar: Optional[bool] = None) -> RunResult:
+  """Trains `model` to `steps`, resuming from `<workdir>/checkpoints`.
+
+  Writes `<workdir>/config.json` (if `config`), `metrics.jsonl`,
+  `tensorboard/`, `checkpoints/<step>` and, at the end, `plots/loss.png` and
+  `plots/expert_load.png`. SIGTERM saves a checkpoint at the current step
+  and returns early (`preempted=True`).
+
+  Args:
+    model: TransformerLM-like module: apply(vars, tokens [B, L],
+      padding_mask=, deterministic=, rngs=) -> (logits [B, L, V], aux).
+    workdir: run directory (created).
+    train_loader: object with `.batch(t)` -> {'tokens': [B, L + 1] int32},
+      `.seq_len` (L) and `.batch_size` (B).
+    eval_data: fixed eval batches like the train ones plus 'optimal_nll'.
+    steps: total number of updates.
+    seed: run seed (param init and step RNGs).
+    optimizer: optax transformation (see `optim.make_optimizer`).
+    learning_rate_fn: schedule, only to log 'train/learning_rate'.
+    aux_loss_weight: load-balancing loss weight.
+    z_loss_weight: router z-loss weight.
+    pad_id: padding token id or None.
+    log_every: steps between train records (the last step is always one).
+    eval_every: steps between evals (the last step always evaluates).
+    checkpoint_every: steps between checkpoints (and the last step).
+    keep_checkpoints: checkpoints kept on disk.
+    config: resolved config written to config.json (JSON-serialisable).
+    progress_bar: tqdm bar; default whether stderr is a tty.
+
+  Returns:
+    RunResult.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(workdir, config)
+  print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
+  checkpointer = Checkpointer(workdir, keep_checkpoints)
+  input_shape = (train_loader.batch_size, train_loader.seq_len)
+  metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  with _StopFlag() as stop:  # from here on SIGTERM means "save and return"
+    state = _start_state(model, optimizer, input_shape, seed, checkpointer,
+                         metrics_path)
+    loop = _Loop(
+        train_step=step_lib.make_train_step(
+            model, optimizer, seed=seed, aux_loss_weight=aux_loss_weight,
+            z_loss_weight=z_loss_weight, pad_id=pad_id,
+            learning_rate_fn=learning_rate_fn),
+        eval_step=step_lib.make_eval_step(
+            model, aux_loss_weight=aux_loss_weight,
+            z_loss_weight=z_loss_weight, pad_id=pad_id),
+        eval_data=eval_data, checkpointer=checkpointer,
+        writer=metrics_lib.MetricsWriter(workdir), steps=steps,
+        every=(log_every, eval_every, checkpoint_every),
+        tokens_per_step=input_shape[0] * input_shape[1])
+    progress = metrics_lib.Progress(steps, int(state.step), progress_bar)
+    try:
+      result = loop.run(state, train_loader, progress, stop)
+    finally:
+      progress.close()
+      loop.writer.close()
+      checkpointer.close()
+  plots.plot_run(workdir, metrics_lib.read_metrics(metrics_path))
+  if result.preempted:
+    print(f'SIGTERM: saved a checkpoint at step {result.step}', flush=True)
+  return result
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The per-step work of train_and_evaluate (see there)."""
+  train_step: Any
+  eval_step: Any
+  eval_data: Sequence[Mapping[str, np.ndarray]]
+  checkpointer: Checkpointer
+  writer: metrics_lib.MetricsWriter
+  steps: int
+  every: tuple[int, int, int]  # log, eval, checkpoint
+  tokens_per_step: int
+
+  def run(self, state, train_loader, progress, stop) -> RunResult:
+    """Runs steps int(state.step) .. self.steps - 1."""
+    start = int(state.step)
+    batches = train_loader.iterate(start) if hasattr(
+        train_loader, 'iterate') else map(train_loader.batch,
+                                          itertools.count(start))
+    try:
+      return self._steps(state, batches, progress, stop)
+    finally:
+      if hasattr(batches, 'close'):
+        batches.close()  # stops the prefetch thread
+
+  def _steps(self, state, batches, progress, stop) -> RunResult:
+    """The loop proper; `batches` yields batch(t) for t = state.step, ..."""
+    start = int(state.step)
+    last_eval = None
+    log_every, eval_every, ckpt_every = self.every
+    tick, tick_step = time.time(), start
+    for t in range(start, self.steps):
+      state, metrics = self.train_step(state, next(batches)['tokens'])
+      s = t + 1
+      progress.advance(s)
+      if _is_every(s, log_every, self.steps):
+        jax.block_until_ready(metrics)
+        now = time.time()
+        rate = (s - tick_step) * self.tokens_per_step / max(now - tick, 1e-9)
+        tick, tick_step = now, s
+        self._write(train_record(s, metrics, rate), progress)
+      if _is_every(s, eval_every, self.steps):
+        eval_start = time.time()
+        last_eval = evaluate(self.eval_step, state.params, self.eval_data, s)
+        self._write(last_eval, progress)
+        tick += time.time() - eval_start  # keep eval out of tokens_per_sec
+      if _is_every(s, ckpt_every, self.steps) or stop.stop:
+        self.checkpointer.save(state)
+      if stop.stop and s < self.steps:
+        return RunResult(state, s, True, last_eval)
+    return RunResult(state, int(state.step), False, last_eval)
+
+  def _write(self, record, progress) -> None:
+    self.writer.write(record)
+    progress.log(record)

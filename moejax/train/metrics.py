@@ -1,0 +1,200 @@
+"""Run metrics: metrics.jsonl, TensorBoard events and console progress.
+
+`metrics.jsonl` holds one JSON object per line: train lines (`step`,
+`train/...`, `moe/<block>/<metric>`, lists for `expert_load`) and eval lines
+(`step`, `eval/...`). TensorBoard events are written with tensorboardX (no
+TensorFlow); if it is not installed, events are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+# Keys that depend on wall-clock time (differ between identical runs).
+WALL_CLOCK_KEYS = ('train/tokens_per_sec',)
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Device arrays -> floats (scalars) and lists (vectors), for JSON.
+
+  Args:
+    metrics: {name: scalar or 1-D array}.
+
+  Returns:
+    {name: float | list[float]}.
+  """
+  host = jax.device_get(dict(metrics))
+  out = {}
+  for key, value in host.items():
+    value = np.asarray(value)
+    out[key] = float(value) if value.ndim == 0 else value.astype(
+        np.float64).tolist()
+  return out
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """Parses metrics.jsonl, skipping blank or partially written lines.
+
+  Args:
+    path: the file (missing -> []).
+
+  Returns:
+    The records in file order.
+  """
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # e.g. a line cut by a kill
+  return records
+
+
+def truncate_metrics(path: str, max_step: int) -> int:
+  """Keeps only the records with step <= max_step (for resuming).
+
+  Args:
+    path: metrics.jsonl (missing -> nothing to do).
+    max_step: the restored step.
+
+  Returns:
+    Number of records kept.
+  """
+  kept = [r for r in read_metrics(path) if r.get('step', 0) <= max_step]
+  if os.path.exists(path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, path)
+  return len(kept)
+
+
+def _tensorboard_writer(logdir: str):
+  """A tensorboardX SummaryWriter, or None if tensorboardX is missing."""
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print('warning: tensorboardX is not installed; no TensorBoard events '
+          '(pip install tensorboardX)', file=sys.stderr)
+    return None
+  return tensorboardX.SummaryWriter(logdir=logdir, flush_secs=10)
+
+
+class MetricsWriter:
+  """Appends records to `<workdir>/metrics.jsonl` and TensorBoard events.
+
+  Args (constructor):
+    workdir: run directory.
+    tensorboard: also write events under `<workdir>/tensorboard`.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._file = open(self.path, 'a', encoding='utf-8')
+    self._tb = (_tensorboard_writer(os.path.join(workdir, 'tensorboard'))
+                if tensorboard else None)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    """Writes one record (must hold an int 'step'); flushed immediately.
+
+    Args:
+      record: {'step': int, name: float | list[float]}.
+    """
+    self._file.write(json.dumps(dict(record)) + '\n')
+    self._file.flush()
+    if self._tb is None:
+      return
+    step = int(record['step'])
+    for key, value in record.items():
+      if key == 'step':
+        continue
+      if isinstance(value, list):
+        for i, v in enumerate(value):
+          self._tb.add_scalar(f'{key}/{i}', v, step)
+      elif math.isfinite(value):
+        self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    """Flushes and closes the files."""
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain log lines otherwise.
+
+  Args (constructor):
+    total: last step of the run.
+    start: step the run starts (or resumes) from.
+    use_bar: show a tqdm bar; default: whether stderr is a tty.
+  """
+
+  def __init__(self, total: int, start: int, use_bar: Optional[bool] = None):
+    self.total = total
+    self._start_step, self._start_time = start, time.time()
+    self._bar = None
+    if use_bar if use_bar is not None else sys.stderr.isatty():
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total, initial=start, unit='step',
+                            dynamic_ncols=True, file=sys.stderr)
+
+  def advance(self, step: int) -> None:
+    """Moves the bar to `step` (no-op without a bar)."""
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+
+  def log(self, record: Mapping[str, Any]) -> None:
+    """Shows a train or eval record (bar postfix, or one printed line).
+
+    Args:
+      record: a metrics record with 'step'.
+    """
+    step = record['step']
+    if 'train/loss' in record:
+      fields = {'loss': f'{record["train/loss"]:.4f}',
+                'tok/s': f'{record.get("train/tokens_per_sec", 0):.0f}'}
+    else:
+      fields = {k.split('/', 1)[1]: f'{v:.4f}' for k, v in record.items()
+                if k.startswith('eval/') and not isinstance(v, list)}
+    text = ' '.join(f'{k} {v}' for k, v in fields.items())
+    if self._bar is not None:
+      if 'train/loss' in record:
+        self._bar.set_postfix(fields, refresh=True)
+      else:  # evals stay visible above the bar
+        self._bar.write(f'step {step}/{self.total} eval {text}')
+      return
+    done = step - self._start_step
+    rate = done / max(time.time() - self._start_time, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else 0.0
+    kind = 'train' if 'train/loss' in record else 'eval'
+    print(f'step {step}/{self.total} {kind} {text} eta {_fmt_eta(eta)}',
+          flush=True)
+
+  def close(self) -> None:
+    """Closes the bar."""
+    if self._bar is not None:
+      self._bar.close()
+
+
+def strip_wall_clock(records: Iterable[Mapping[str, Any]]) -> list[dict]:
+  """Records without the WALL_CLOCK_KEYS (to compare runs exactly)."""
+  return [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS}
+          for r in records]
