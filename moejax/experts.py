@@ -34,6 +34,27 @@ def _input_names(activation: str):
   return ('wi_0', 'wi_1') if activation in ('swiglu', 'geglu') else ('wi',)
 
 
+def _ffn(module: nn.Module, x: jax.Array, in_shape, out_shape, init,
+         spec_in: str, spec_out: str) -> jax.Array:
+  """The FFN shared by ExpertBank and DenseFfn, inside `module`'s scope.
+
+  Creates `wi` (or the gated `wi_0`, `wi_1`) of `in_shape` and `wo` of
+  `out_shape`, and computes act(x . wi) [* (x . wi_1)] . wo with the einsum
+  specs given, in `module.dtype`.
+  """
+  check_activation(module.activation)
+  x = x.astype(module.dtype)
+  hidden = []
+  for name in _input_names(module.activation):
+    w = module.param(name, init, in_shape, module.param_dtype)
+    hidden.append(jnp.einsum(spec_in, x, w.astype(module.dtype)))
+  h = _NONLINEARITY[module.activation](hidden[0])
+  if len(hidden) == 2:
+    h = h * hidden[1]
+  wo = module.param('wo', init, out_shape, module.param_dtype)
+  return jnp.einsum(spec_out, h, wo.astype(module.dtype))
+
+
 # Standard deviation of a unit normal truncated to [-2, 2]; variance_scaling
 # divides by it so the truncated draw keeps the requested variance.
 _TRUNCATED_STD = 0.87962566103423978
@@ -73,22 +94,14 @@ class ExpertBank(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_activation(self.activation)
     g, e, c, d = x.shape
     f = self.d_ff
     # Expert-major [E, G*C, D]: one plain GEMM per expert. Contracting the
     # [G, E, C, D] layout directly made XLA transpose operands and outputs
     # (measured on CPU: up to 1.7x slower at E=256; experiments/benchmark.py).
-    x = x.astype(self.dtype).transpose(1, 0, 2, 3).reshape(e, g * c, d)
-    hidden = []
-    for name in _input_names(self.activation):
-      w = self.param(name, expert_kernel_init(), (e, d, f), self.param_dtype)
-      hidden.append(jnp.einsum('END,EDF->ENF', x, w.astype(self.dtype)))
-    h = _NONLINEARITY[self.activation](hidden[0])  # [E, G*C, F]
-    if len(hidden) == 2:
-      h = h * hidden[1]
-    wo = self.param('wo', expert_kernel_init(), (e, f, d), self.param_dtype)
-    y = jnp.einsum('ENF,EFD->END', h, wo.astype(self.dtype))  # [E, G*C, D]
+    x = x.transpose(1, 0, 2, 3).reshape(e, g * c, d)
+    y = _ffn(self, x, (e, d, f), (e, f, d), expert_kernel_init(),
+             'END,EDF->ENF', 'ENF,EFD->END')  # [E, G*C, D]
     return y.reshape(e, g, c, d).transpose(1, 0, 2, 3)  # [G, E, C, D]
 
 
@@ -105,16 +118,7 @@ class DenseFfn(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_activation(self.activation)
     d = x.shape[-1]
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
-    x = x.astype(self.dtype)
-    hidden = []
-    for name in _input_names(self.activation):
-      w = self.param(name, init, (d, self.d_ff), self.param_dtype)
-      hidden.append(x @ w.astype(self.dtype))
-    h = _NONLINEARITY[self.activation](hidden[0])
-    if len(hidden) == 2:
-      h = h * hidden[1]
-    wo = self.param('wo', init, (self.d_ff, d), self.param_dtype)
-    return h @ wo.astype(self.dtype)
+    return _ffn(self, x, (d, self.d_ff), (self.d_ff, d), init,
+                '...D,DF->...F', '...F,FD->...D')
