@@ -17,15 +17,7 @@ other jobs (re-runs with the same JAX version reproduce the losses exactly):
          2.33 / 0.84, gshard 2.21 / 0.72).
 """
 
-import os
-import sys
-
-try:
-  from configs import base
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  from configs import base
+from configs import base
 
 
 def get_config(arg=None):

@@ -15,15 +15,7 @@ losses exactly):
          2.46 / 0.97).
 """
 
-import os
-import sys
-
-try:
-  from configs import base
-except ImportError:  # Loaded by path from outside the repository root.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
-  from configs import base
+from configs import base
 
 
 def get_config(arg=None):
