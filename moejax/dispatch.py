@@ -16,6 +16,13 @@ Empty slots hold zeros; a dropped assignment contributes exactly 0.
     reference; O(G*S*E*C*D) FLOPs.
   gather: integer slot indices; a gather into the buffers and a gather
     back (their gradients are scatter-adds). O(G*S*K*D) data movement.
+  ragged: no [G, E, C, D] buffers at all. The kept assignments are sorted
+    by expert into one [N, D] array (N = G*S*K), the experts run as grouped
+    matmuls (`jax.lax.ragged_dot`, `experts.RaggedExpertBank`) and the rows
+    are gathered back. With capacity_factor=None nothing is dropped
+    (dropless); with a capacity it honours the same drops as the others.
+    Fast only where the backend has a grouped-matmul kernel (GPU/TPU); on
+    CPU ragged_dot lowers to a masked dense op (~E x the FLOPs).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from moejax.routing import RoutingDecision
 
 
 class Dispatcher(NamedTuple):
+  """A buffer dispatcher: `dispatch` into [G, E, C, D], `combine` back."""
   dispatch: Callable[[jax.Array, RoutingDecision], jax.Array]
   combine: Callable[[jax.Array, RoutingDecision], jax.Array]
 
@@ -102,7 +110,49 @@ def gather_combine(y: jax.Array, decision: RoutingDecision) -> jax.Array:
   return jnp.einsum('GSKD,GSK->GSD', picked, weights)
 
 
+class RaggedPlan(NamedTuple):
+  """Where every assignment goes in the expert-sorted [N, D] rows."""
+  order: jax.Array  # [N] int32, assignment (flat g, s, k) of each row
+  group_sizes: jax.Array  # [E] int32, kept rows per expert (sorted order)
+  token: jax.Array  # [N] int32, flat token (g * S + s) of each row
+
+
+def ragged_plan(decision: RoutingDecision) -> RaggedPlan:
+  """Sorts the N = G*S*K assignments by expert, kept ones first.
+
+  Rows past sum(group_sizes) belong to dropped or unrequested assignments;
+  `ragged_dot` leaves them zero and their combine weight is 0.
+  """
+  g, s, k = decision.expert_index.shape
+  e = decision.num_experts
+  key = jnp.where(decision.kept, decision.expert_index, e).reshape(-1)  # [N]
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  group_sizes = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]
+  token = jnp.repeat(jnp.arange(g * s, dtype=jnp.int32), k)[order]
+  return RaggedPlan(order, group_sizes, token)
+
+
+def ragged_dispatch(x: jax.Array, plan: RaggedPlan) -> jax.Array:
+  """x [G, S, D] -> expert-sorted rows [N, D]."""
+  return x.reshape(-1, x.shape[-1])[plan.token]
+
+
+def ragged_combine(rows: jax.Array, plan: RaggedPlan,
+                   decision: RoutingDecision) -> jax.Array:
+  """Expert outputs in sorted rows [N, D] -> [G, S, D]."""
+  g, s, k = decision.expert_index.shape
+  inverse = jnp.argsort(plan.order)  # row of each assignment
+  picked = rows[inverse].reshape(g, s, k, -1)  # [G, S, K, D]
+  weights = decision.combine_weight.astype(rows.dtype)  # 0 where dropped
+  picked = jnp.where(decision.kept[..., None], picked, 0)
+  return jnp.einsum('GSKD,GSK->GSD', picked, weights)
+
+
 DISPATCHERS = {
     'einsum': Dispatcher(einsum_dispatch, einsum_combine),
     'gather': Dispatcher(gather_dispatch, gather_combine),
 }
+
+# 'ragged' has no [G, E, C, D] buffers, so it is not a `Dispatcher`; the
+# layer runs it through `ragged_plan` / `ragged_dispatch` / `ragged_combine`.
+DISPATCHER_NAMES = tuple(DISPATCHERS) + ('ragged',)

@@ -122,3 +122,38 @@ class DenseFfn(nn.Module):
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
     return _ffn(self, x, (d, self.d_ff), (self.d_ff, d), init,
                 '...D,DF->...F', '...F,FD->...D')
+
+
+class RaggedExpertBank(nn.Module):
+  """The expert bank on expert-sorted rows, as grouped matmuls.
+
+  Same params as `ExpertBank` (names, shapes, init), so a checkpoint works
+  with either dispatcher. Uses `jax.lax.ragged_dot`: exact everywhere, a
+  grouped-matmul kernel on GPU/TPU, a masked dense op on CPU.
+
+  __call__: rows [N, D] sorted by expert, group_sizes [E] (rows per expert,
+  sum <= N) -> [N, D]; rows past sum(group_sizes) come out zero.
+  """
+  num_experts: int
+  d_ff: int
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    check_activation(self.activation)
+    e, d, f = self.num_experts, x.shape[-1], self.d_ff
+    init = expert_kernel_init()
+    x = x.astype(self.dtype)
+    group_sizes = group_sizes.astype(jnp.int32)
+    hidden = []
+    for name in _input_names(self.activation):
+      w = self.param(name, init, (e, d, f), self.param_dtype)
+      hidden.append(jax.lax.ragged_dot(x, w.astype(self.dtype),
+                                       group_sizes))  # [N, F]
+    h = _NONLINEARITY[self.activation](hidden[0])
+    if len(hidden) == 2:
+      h = h * hidden[1]
+    wo = self.param('wo', init, (e, f, d), self.param_dtype)
+    return jax.lax.ragged_dot(h, wo.astype(self.dtype), group_sizes)

@@ -4,16 +4,34 @@ Axis letters: B batch, L sequence length, D model width, F expert hidden
 width, E experts, K experts chosen per token, G groups, S tokens per group,
 C capacity (slots per expert per group).
 
-Flow: x [B, L, D] -> groups [G, S, D] -> Router -> RoutingDecision
+Flow: x [B, L, D] -> groups [G, S, D] -> router -> RoutingDecision
       -> dispatch [G, E, C, D] -> ExpertBank -> combine [G, S, D] -> [B, L, D]
+      (+ shared experts on every token).
+
+Routers ('router'):
+  'topk'           token choice (Switch, GShard, DeepSeek-style with sigmoid
+                   scores, group-limited selection and loss-free balancing);
+  'expert_choice'  each expert takes its top-C tokens (Zhou et al. 2022);
+  'soft_moe'       slots are softmax mixtures of tokens (Puigcerver et al.
+                   2023); its own dense dispatch, never drops.
+Dispatchers ('dispatcher'): 'gather' (default), 'einsum' (one-hot
+reference), 'ragged' (sorted rows + grouped matmuls; dropless with
+capacity_factor=None). Fine-grained experts (`granularity` m) turn E experts
+of width F, K chosen, into m*E experts of width F/m, m*K chosen; below, E,
+F and K are those effective values.
 
 Param tree of one MoeLayer (checkpoint converters rely on these names):
 
-    router/kernel    [D, E]  float32 always
+    router/kernel    [D, E]  float32 always ([D, E, C] for 'soft_moe', plus
+                     router/scale [] when soft_normalize)
     experts/wi       [E, D, F]  (activation 'relu' | 'gelu')
     experts/wi_0     [E, D, F]  (gated 'swiglu' | 'geglu': through the nonlinearity)
     experts/wi_1     [E, D, F]  (gated: the linear branch)
     experts/wo       [E, F, D]
+    shared/...       DenseFfn of width num_shared_experts * shared_d_ff
+    shared_gate      [D, 1] (when shared_gate)
+State (collection 'moe_state', when bias_update_rate > 0):
+    router/bias      [E] float32, the loss-free balancing bias
 
 RNG streams: 'router' (jitter and the 'random' second-expert policy), used
 only when `deterministic=False`.
@@ -28,12 +46,20 @@ import jax
 import jax.numpy as jnp
 
 from moejax import capacity as capacity_lib
+from moejax import dispatch as dispatch_lib
+from moejax import expert_choice
 from moejax import routing
-from moejax.dispatch import DISPATCHERS
-from moejax.experts import ACTIVATIONS, ExpertBank
+from moejax import soft_moe
+from moejax.experts import ACTIVATIONS, DenseFfn, ExpertBank, RaggedExpertBank
 
-ROUTERS = ('topk',)
+ROUTERS = ('topk', 'expert_choice', 'soft_moe')
+NONCAUSAL_ROUTERS = ('expert_choice', 'soft_moe')
 NONCAUSAL_PRIORITIES = ('score',)
+# Options of token-choice routing, with the value other routers require.
+TOPK_ONLY = (('top_k', 1), ('priority', 'choice'),
+             ('second_expert_policy', 'all'), ('renormalize', False),
+             ('routed_scaling', 1.0), ('jitter_eps', 0.0), ('num_groups', 1),
+             ('topk_groups', None), ('bias_update_rate', 0.0))
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -50,6 +76,53 @@ def _check_capacity_factor(name: str, value) -> None:
                      f'got {value!r}.')
 
 
+def _validate_router_options(layer: 'MoeLayer') -> None:
+  """Checks the router choice and the options only some routers use."""
+  routing.check_choice('router', layer.router, ROUTERS)
+  if layer.router != 'topk':
+    for name, required in TOPK_ONLY:
+      if getattr(layer, name) != required:
+        raise ValueError(
+            f'{name}={getattr(layer, name)!r} applies to router=\'topk\' '
+            f'only; with router={layer.router!r} leave it at {required!r}.')
+  if layer.router == 'soft_moe' and layer.dispatcher == 'ragged':
+    raise ValueError("dispatcher='ragged' needs discrete assignments, and "
+                     "router='soft_moe' has its own dense dispatch; allowed "
+                     "values with soft_moe: 'gather', 'einsum' (unused).")
+  if layer.causal and not layer.allow_noncausal_routing:
+    leak = None
+    if layer.router in NONCAUSAL_ROUTERS:
+      leak = f'router={layer.router!r}'
+    elif layer.priority in NONCAUSAL_PRIORITIES:
+      leak = f'priority={layer.priority!r}'
+    if leak:
+      raise ValueError(
+          f'{leak} lets a token\'s routing depend on later tokens, which a '
+          "causal model must not see; allowed values in a causal model: "
+          "router='topk' with priority 'choice' or 'token' (or set "
+          'allow_noncausal_routing=True to accept the leak).')
+
+
+def _validate_groups(layer: 'MoeLayer') -> None:
+  """Group-limited selection: num_groups | E and enough experts left."""
+  _check_positive_int('num_groups', layer.num_groups)
+  e, k = layer.effective_experts, layer.effective_top_k
+  if e % layer.num_groups:
+    raise ValueError(f'num_groups={layer.num_groups} must divide the '
+                     f'{e} (effective) experts.')
+  if layer.topk_groups is None:
+    return
+  _check_positive_int('topk_groups', layer.topk_groups)
+  if layer.topk_groups > layer.num_groups:
+    raise ValueError(f'topk_groups={layer.topk_groups} must be <= '
+                     f'num_groups={layer.num_groups}.')
+  if layer.topk_groups * (e // layer.num_groups) < k:
+    raise ValueError(
+        f'topk_groups={layer.topk_groups} groups of {e // layer.num_groups} '
+        f'experts leave fewer than the {k} experts each token chooses; '
+        f'topk_groups must be >= {-(-k // (e // layer.num_groups))}.')
+
+
 def validate_moe_args(layer: 'MoeLayer') -> None:
   """Checks every MoeLayer argument; raises ValueError naming the bad one."""
   _check_positive_int('num_experts', layer.num_experts)
@@ -58,66 +131,89 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
   if layer.top_k > layer.num_experts:
     raise ValueError(f'top_k={layer.top_k} must be <= '
                      f'num_experts={layer.num_experts}.')
+  _check_positive_int('granularity', layer.granularity)
+  if layer.d_ff % layer.granularity:
+    raise ValueError(f'd_ff={layer.d_ff} must be divisible by '
+                     f'granularity={layer.granularity} (experts of width '
+                     'd_ff / granularity).')
   _check_capacity_factor('capacity_factor', layer.capacity_factor)
   _check_capacity_factor('eval_capacity_factor', layer.eval_capacity_factor)
   _check_positive_int('min_capacity', layer.min_capacity, minimum=0)
   _check_positive_int('capacity_multiple_of', layer.capacity_multiple_of)
   if layer.group_size is not None:
     _check_positive_int('group_size', layer.group_size)
-  routing.check_choice('router', layer.router, ROUTERS)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
   routing.check_choice('priority', layer.priority, routing.PRIORITIES)
   routing.check_choice('second_expert_policy', layer.second_expert_policy,
                        routing.SECOND_EXPERT_POLICIES)
-  routing.check_choice('dispatcher', layer.dispatcher, tuple(DISPATCHERS))
+  routing.check_choice('dispatcher', layer.dispatcher,
+                       dispatch_lib.DISPATCHER_NAMES)
   routing.check_choice('activation', layer.activation, ACTIVATIONS)
   if not 0 <= layer.jitter_eps < 1:
     raise ValueError(f'jitter_eps must be in [0, 1), got {layer.jitter_eps!r}.')
   if not layer.second_expert_threshold > 0:
     raise ValueError('second_expert_threshold must be > 0, got '
                      f'{layer.second_expert_threshold!r}.')
-  if (layer.causal and layer.priority in NONCAUSAL_PRIORITIES and
-      not layer.allow_noncausal_routing):
-    raise ValueError(
-        f'priority={layer.priority!r} lets a token\'s routing depend on later '
-        'tokens, which a causal model must not see; allowed values in a '
-        "causal model: 'choice', 'token' (or set allow_noncausal_routing=True "
-        'to accept the leak).')
+  if not layer.bias_update_rate >= 0:
+    raise ValueError('bias_update_rate must be >= 0 (0 = no loss-free '
+                     f'balancing), got {layer.bias_update_rate!r}.')
+  _check_positive_int('slots_per_expert', layer.slots_per_expert)
+  _check_positive_int('num_shared_experts', layer.num_shared_experts, 0)
+  if layer.shared_d_ff is not None:
+    _check_positive_int('shared_d_ff', layer.shared_d_ff)
+  _validate_router_options(layer)
+  _validate_groups(layer)
 
 
 class MoeLayer(nn.Module):
   """Sparse Mixture-of-Experts FFN: x [B, L, D] -> (y [B, L, D], aux).
 
   Attributes:
-    num_experts: E.
-    d_ff: F, hidden width of each expert.
-    top_k: K (Switch 1, GShard 2).
+    num_experts: E (before `granularity`).
+    d_ff: F, hidden width of each expert (before `granularity`).
+    top_k: K (Switch 1, GShard 2; 'topk' router only).
     capacity_factor: training cf (1.25: Switch's train setting); None =
-      dropless.
+      dropless. For 'expert_choice' it is the mean number of experts per
+      token (Zhou et al.: 2); 'soft_moe' ignores it.
     eval_capacity_factor: cf when `deterministic=True` (2.0: Switch eval).
     min_capacity: lower bound on C (4, as flaxformer).
     capacity_multiple_of: round C up to a multiple of this.
-    router: 'topk' (token choice).
-    score_fn: 'softmax' | 'sigmoid'.
+    router: 'topk' | 'expert_choice' | 'soft_moe' (module docstring).
+    score_fn: 'softmax' | 'sigmoid' (DeepSeek-V3).
     priority: overflow priority 'choice' | 'token' | 'score'.
     renormalize: renormalise the K combine weights to sum to 1.
     routed_scaling: factor applied to the combine weights.
     second_expert_policy: 'all' | 'random' (GShard; training only).
     second_expert_threshold: the 'random' policy's threshold (0.2).
     jitter_eps: multiplicative router-input jitter (training only); 0 = off.
-    dispatcher: 'gather' (default, fast) | 'einsum' (one-hot reference).
+    num_groups: expert groups for group-limited selection (1 = off).
+    topk_groups: groups each token may choose from (None = all).
+    bias_update_rate: loss-free balancing speed gamma (DeepSeek-V3: 0.001);
+      0 = off. The bias is state in 'moe_state' (see routing.Router).
+    granularity: m, fine-grained experts (m*E experts of width F/m, m*K
+      chosen; DeepSeekMoE).
+    num_shared_experts: dense FFNs applied to every token, added to the
+      routed output (one FFN of width num_shared_experts * shared_d_ff).
+    shared_d_ff: width of one shared expert (None = d_ff // granularity).
+    shared_gate: multiply the shared output by sigmoid(x . w), w [D, 1].
+    slots_per_expert: C of 'soft_moe'.
+    soft_normalize: 'soft_moe' L2-normalises x and the slot params.
+    dispatcher: 'gather' (default, fast) | 'einsum' (one-hot reference) |
+      'ragged' (grouped matmuls; dropless with capacity_factor=None).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     group_size: S; None = one group per sequence (S = L).
     pad_to_group: if B*L is not a multiple of S, pad with padding tokens
       instead of raising.
-    causal: the layer sits in a causal model; non-causal routing is refused.
+    causal: the layer sits in a causal model; non-causal routing
+      ('expert_choice', 'soft_moe', priority 'score') is refused.
     allow_noncausal_routing: accept non-causal routing in a causal model.
     dtype: compute dtype of the experts (the router is always float32).
     param_dtype: storage dtype of the expert weights.
 
   aux: dict of float32 scalars `aux_loss`, `z_loss`, `max_violation`,
   `drop_fraction`, `fully_dropped_fraction`, `router_entropy`, `top1_prob`,
-  `capacity`, and `expert_load` [E].
+  `capacity`, and `expert_load` [E]; 'expert_choice' adds the
+  `expert_choice.coverage_metrics`.
   """
   num_experts: int
   d_ff: int
@@ -134,6 +230,15 @@ class MoeLayer(nn.Module):
   second_expert_policy: str = 'all'
   second_expert_threshold: float = 0.2
   jitter_eps: float = 0.0
+  num_groups: int = 1
+  topk_groups: Optional[int] = None
+  bias_update_rate: float = 0.0
+  granularity: int = 1
+  num_shared_experts: int = 0
+  shared_d_ff: Optional[int] = None
+  shared_gate: bool = False
+  slots_per_expert: int = 1
+  soft_normalize: bool = False
   dispatcher: str = 'gather'
   activation: str = 'relu'
   group_size: Optional[int] = None
@@ -146,6 +251,16 @@ class MoeLayer(nn.Module):
   def __post_init__(self):
     validate_moe_args(self)
     super().__post_init__()
+
+  @property
+  def effective_experts(self) -> int:
+    """E after fine-graining: granularity * num_experts."""
+    return self.granularity * self.num_experts
+
+  @property
+  def effective_top_k(self) -> int:
+    """K after fine-graining: granularity * top_k."""
+    return self.granularity * self.top_k
 
   def _group(self, x: jax.Array, valid: jax.Array):
     """[B, L, D], [B, L] -> [G, S, D], [G, S] (padding groups if asked)."""
@@ -162,6 +277,81 @@ class MoeLayer(nn.Module):
     valid = jnp.pad(valid.reshape(tokens), (0, pad))  # padded: invalid
     return x.reshape(-1, s, d), valid.reshape(-1, s)
 
+  def _capacity(self, s: int, deterministic: bool) -> int:
+    """C for groups of S tokens (expert choice: K = granularity)."""
+    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+    k = (self.granularity if self.router == 'expert_choice'
+         else self.effective_top_k)
+    return capacity_lib.compute_capacity(
+        s, self.effective_experts, k, cf, self.min_capacity,
+        self.capacity_multiple_of)
+
+  def _route(self, xg: jax.Array, valid_g: jax.Array, deterministic: bool):
+    """[G, S, D] -> (RoutingDecision, aux) for 'topk' / 'expert_choice'."""
+    capacity = self._capacity(xg.shape[1], deterministic)
+    if self.router == 'expert_choice':
+      router = expert_choice.ExpertChoiceRouter(
+          num_experts=self.effective_experts, score_fn=self.score_fn,
+          name='router')
+    else:
+      router = routing.Router(
+          num_experts=self.effective_experts, top_k=self.effective_top_k,
+          score_fn=self.score_fn, priority=self.priority,
+          renormalize=self.renormalize, routed_scaling=self.routed_scaling,
+          second_expert_policy=self.second_expert_policy,
+          second_expert_threshold=self.second_expert_threshold,
+          jitter_eps=self.jitter_eps, num_groups=self.num_groups,
+          topk_groups=self.topk_groups,
+          bias_update_rate=self.bias_update_rate, name='router')
+    return router(xg, capacity, valid_g, deterministic)
+
+  def _experts(self, ragged: bool = False) -> nn.Module:
+    kind = RaggedExpertBank if ragged else ExpertBank
+    return kind(num_experts=self.effective_experts,
+                d_ff=self.d_ff // self.granularity,
+                activation=self.activation, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='experts')
+
+  def _routed(self, xg: jax.Array, valid_g: jax.Array, deterministic: bool):
+    """The routed experts on groups: [G, S, D] -> ([G, S, D], aux).
+
+    Routers see x as given (they compute in float32); experts see it in
+    `dtype`.
+    """
+    if self.router == 'soft_moe':
+      dispatch_w, combine_w, aux = soft_moe.SoftRouter(
+          num_experts=self.effective_experts,
+          slots_per_expert=self.slots_per_expert,
+          normalize=self.soft_normalize, name='router')(xg, valid_g)
+      buffers = soft_moe.soft_dispatch(xg.astype(self.dtype), dispatch_w)
+      self.sow('intermediates', 'dispatched', buffers)
+      return soft_moe.soft_combine(self._experts()(buffers), combine_w), aux
+    decision, aux = self._route(xg, valid_g, deterministic)
+    xg = xg.astype(self.dtype)
+    if self.dispatcher == 'ragged':
+      plan = dispatch_lib.ragged_plan(decision)
+      rows = dispatch_lib.ragged_dispatch(xg, plan)  # [N, D]
+      rows = self._experts(ragged=True)(rows, plan.group_sizes)
+      return dispatch_lib.ragged_combine(rows, plan, decision), aux
+    dispatcher = dispatch_lib.DISPATCHERS[self.dispatcher]
+    buffers = dispatcher.dispatch(xg, decision)  # [G, E, C, D]
+    self.sow('intermediates', 'dispatched', buffers)
+    return dispatcher.combine(self._experts()(buffers), decision), aux
+
+  def _shared(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    """Shared experts on every valid token: [B, L, D] -> [B, L, D]."""
+    width = (self.shared_d_ff or self.d_ff // self.granularity)
+    y = DenseFfn(self.num_shared_experts * width, self.activation,
+                 self.dtype, self.param_dtype, name='shared')(x)
+    if self.shared_gate:
+      w = self.param('shared_gate', nn.initializers.lecun_normal(),
+                     (x.shape[-1], 1), jnp.float32)
+      gate = jax.nn.sigmoid(jnp.einsum(
+          'BLD,DO->BLO', x.astype(jnp.float32), w,
+          precision=jax.lax.Precision.HIGHEST))  # [B, L, 1]
+      y = y * gate.astype(y.dtype)
+    return jnp.where(valid[..., None], y, 0)
+
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
                deterministic: bool = True):
@@ -172,7 +362,7 @@ class MoeLayer(nn.Module):
       padding_mask: optional [B, L] bool, True where a token is padding
         (routed nowhere, no capacity, no loss, zero output).
       deterministic: eval mode (eval capacity factor, no jitter, no random
-        second-expert policy).
+        second-expert policy, no loss-free bias update).
 
     Returns:
       y [B, L, D] in `dtype`, and the aux dict (see class docstring).
@@ -182,24 +372,8 @@ class MoeLayer(nn.Module):
     if padding_mask is not None:
       valid = ~padding_mask.astype(bool)
     xg, valid_g = self._group(x, valid)  # [G, S, D], [G, S]
-    cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    capacity = capacity_lib.compute_capacity(
-        xg.shape[1], self.num_experts, self.top_k, cf, self.min_capacity,
-        self.capacity_multiple_of)
-    decision, aux = routing.Router(
-        num_experts=self.num_experts, top_k=self.top_k,
-        score_fn=self.score_fn, priority=self.priority,
-        renormalize=self.renormalize, routed_scaling=self.routed_scaling,
-        second_expert_policy=self.second_expert_policy,
-        second_expert_threshold=self.second_expert_threshold,
-        jitter_eps=self.jitter_eps, name='router')(
-            xg, capacity, valid_g, deterministic)
-    dispatcher = DISPATCHERS[self.dispatcher]
-    buffers = dispatcher.dispatch(xg.astype(self.dtype), decision)
-    self.sow('intermediates', 'dispatched', buffers)  # [G, E, C, D]
-    outputs = ExpertBank(num_experts=self.num_experts, d_ff=self.d_ff,
-                         activation=self.activation, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name='experts')(buffers)
-    y = dispatcher.combine(outputs, decision)  # [G, S, D]
+    y, aux = self._routed(xg, valid_g, deterministic)  # [G, S, D]
     y = y.reshape(-1, d)[:b * l].reshape(b, l, d)
+    if self.num_shared_experts:
+      y = y + self._shared(x, valid).astype(y.dtype)
     return y, aux

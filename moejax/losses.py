@@ -25,7 +25,7 @@ def expert_probs(scores: jax.Array, score_fn: str) -> jax.Array:
   return scores
 
 
-def _choice_counts(decision: RoutingDecision, valid: jax.Array) -> jax.Array:
+def choice_counts(decision: RoutingDecision, valid: jax.Array) -> jax.Array:
   """[G, E]: token-choices per expert before capacity (padding excluded)."""
   onehot = jax.nn.one_hot(decision.expert_index, decision.num_experts,
                           dtype=jnp.float32)  # [G, S, K, E]
@@ -52,7 +52,7 @@ def load_balance_loss(probs: jax.Array, decision: RoutingDecision,
   k = decision.expert_index.shape[-1]
   valid_f = valid.astype(jnp.float32)
   tokens = valid_f.sum(-1)  # [G]
-  f = _choice_counts(decision, valid) / jnp.maximum(tokens * k, 1)[:, None]
+  f = choice_counts(decision, valid) / jnp.maximum(tokens * k, 1)[:, None]
   p = jnp.einsum('GSE,GS->GE', probs, valid_f) / jnp.maximum(tokens, 1)[:, None]
   per_group = decision.num_experts * jnp.sum(f * p, axis=-1)  # [G]
   has_tokens = (tokens > 0).astype(jnp.float32)
@@ -97,7 +97,7 @@ def routing_metrics(probs: jax.Array, decision: RoutingDecision,
   e = decision.num_experts
   valid_f = valid.astype(jnp.float32)
   num_valid = jnp.maximum(valid_f.sum(), 1)
-  counts = _choice_counts(decision, valid).sum(0)  # [E]
+  counts = choice_counts(decision, valid).sum(0)  # [E]
   load = counts / jnp.maximum(counts.sum(), 1)
   num_requested = decision.request.astype(jnp.float32).sum()
   num_kept = decision.kept.astype(jnp.float32).sum()

@@ -13,6 +13,10 @@ Semantics (Switch / GShard defaults; every difference is an option):
   * logits are computed in float32 from a float32 copy of x;
   * jitter multiplies the router's copy of x by U[1-eps, 1+eps] (training);
   * selection is top-K over `scores + bias`; gates come from unbiased scores;
+    `bias` is the loss-free balancing bias (DeepSeek-V3) when that is on;
+  * group-limited selection (DeepSeek-V3) splits the E experts into
+    `num_groups` contiguous groups, keeps the `topk_groups` groups with the
+    largest sum of their top-2 selection scores and masks the others out;
   * overflow priority: 'choice' (all first choices in position order, then
     all second choices, ...), 'token' (position order, a token's K choices
     together), 'score' (tokens sorted by top-1 score, descending, then
@@ -85,8 +89,40 @@ def scores_from_logits(logits: jax.Array, score_fn: str) -> jax.Array:
   return jax.nn.sigmoid(logits)
 
 
+def group_limited_mask(selection: jax.Array, num_groups: int,
+                       topk_groups: int) -> jax.Array:
+  """Which experts group-limited selection allows (DeepSeek-V3).
+
+  The E experts form `num_groups` contiguous groups of E / num_groups. A
+  group's score is the sum of its two largest selection scores (its single
+  score if a group holds one expert); the `topk_groups` best groups stay
+  selectable (ties go to the lower group index).
+
+  Args:
+    selection: [G, S, E] selection scores (scores + bias).
+    num_groups: number of expert groups (divides E).
+    topk_groups: groups kept per token, 1 <= topk_groups <= num_groups.
+
+  Returns:
+    [G, S, E] bool, True where the expert's group is kept.
+
+  Example: E=4, 2 groups, topk_groups=1, selection [.1, .2, .9, 0]: group
+  scores .1+.2=.3 and .9+0=.9, so only experts 2 and 3 stay selectable.
+  """
+  g, s, e = selection.shape
+  per_group = e // num_groups
+  grouped = selection.reshape(g, s, num_groups, per_group)
+  best, _ = jax.lax.top_k(grouped, min(2, per_group))  # [G, S, NG, <=2]
+  group_score = best.sum(-1)  # [G, S, NG]
+  _, kept_groups = jax.lax.top_k(group_score, topk_groups)  # [G, S, TG]
+  keep = jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.int32).sum(-2)
+  return jnp.repeat(keep > 0, per_group, axis=-1)  # [G, S, E]
+
+
 def select_top_k(scores: jax.Array, k: int,
-                 bias: Optional[jax.Array] = None):
+                 bias: Optional[jax.Array] = None,
+                 num_groups: int = 1,
+                 topk_groups: Optional[int] = None):
   """Top-K experts per token.
 
   Args:
@@ -94,15 +130,39 @@ def select_top_k(scores: jax.Array, k: int,
     k: K, experts per token (1 <= K <= E).
     bias: optional [E] selection bias (loss-free balancing). It changes which
       experts are chosen, never the gate of a chosen expert.
+    num_groups: expert groups for group-limited selection (1 = off).
+    topk_groups: groups kept per token (None = all; see
+      `group_limited_mask`).
 
   Returns:
     expert_index [G, S, K] int32 (best first; ties go to the lower index) and
     gate [G, S, K] float32, the *unbiased* scores of the chosen experts.
   """
   selection = scores if bias is None else scores + bias.astype(scores.dtype)
+  if topk_groups is not None and topk_groups < num_groups:
+    allowed = group_limited_mask(selection, num_groups, topk_groups)
+    selection = jnp.where(allowed, selection, -jnp.inf)
   _, expert_index = jax.lax.top_k(selection, k)
   gate = jnp.take_along_axis(scores, expert_index, axis=-1)
   return expert_index.astype(jnp.int32), gate.astype(jnp.float32)
+
+
+def loss_free_bias_update(bias: jax.Array, counts: jax.Array,
+                          rate: float) -> jax.Array:
+  """DeepSeek-V3 loss-free balancing: `b_e += rate * sign(mean - load_e)`.
+
+  Args:
+    bias: [E] current selection bias.
+    counts: [E] token-choices per expert before capacity, over the global
+      batch (padding excluded).
+    rate: the update speed gamma (DeepSeek-V3: 0.001).
+
+  Returns:
+    [E] float32 updated bias: underloaded experts go up, overloaded down,
+    experts exactly at the mean stay.
+  """
+  counts = counts.astype(jnp.float32)
+  return bias + rate * jnp.sign(counts.mean() - counts)
 
 
 def normalize_gates(gate: jax.Array, renormalize: bool,
@@ -196,7 +256,9 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
                 bias: Optional[jax.Array] = None,
                 renormalize: bool = False, scale: float = 1.0,
                 second_expert_rng: Optional[jax.Array] = None,
-                second_expert_threshold: float = 0.2) -> RoutingDecision:
+                second_expert_threshold: float = 0.2,
+                num_groups: int = 1,
+                topk_groups: Optional[int] = None) -> RoutingDecision:
   """Token-choice top-K routing with capacity, from scores.
 
   Args:
@@ -211,6 +273,7 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
     second_expert_rng: if given, apply GShard's 'random' policy to choices
       k >= 1 with this key (training only; the caller decides).
     second_expert_threshold: the policy's threshold (0.2).
+    num_groups, topk_groups: group-limited selection (see `select_top_k`).
 
   Returns:
     A RoutingDecision.
@@ -221,7 +284,7 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
   expert 0 dropped.
   """
   g, s, e = scores.shape
-  expert_index, gate = select_top_k(scores, k, bias)
+  expert_index, gate = select_top_k(scores, k, bias, num_groups, topk_groups)
   valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
   request = jnp.broadcast_to(valid[..., None], (g, s, k))
   if second_expert_rng is not None and k > 1:
@@ -243,8 +306,17 @@ class Router(nn.Module):
   drawn from the 'router' RNG stream and used only when
   `deterministic=False`.
 
-  aux holds `aux_loss` (Switch load balance), `z_loss` and the metrics of
-  `moejax.losses.routing_metrics`.
+  Loss-free balancing (`bias_update_rate` > 0): a selection bias [E] lives
+  in the 'moe_state' collection (`moe_state/.../router/bias`, zeros at
+  init): state, not a parameter, so outside the optimizer and inside the
+  checkpoint. A training call (`deterministic=False`) with 'moe_state'
+  mutable routes with the current bias, then stores
+  `loss_free_bias_update(bias, counts, rate)` with the counts of this call's
+  whole (global) batch; otherwise the bias is only read.
+
+  aux holds `aux_loss` (Switch load balance; with sigmoid scores and one
+  group per sequence this is DeepSeek-V3's sequence-wise balance loss),
+  `z_loss` and the metrics of `moejax.losses.routing_metrics`.
   """
   num_experts: int
   top_k: int = 1
@@ -255,9 +327,19 @@ class Router(nn.Module):
   second_expert_policy: str = 'all'
   second_expert_threshold: float = 0.2
   jitter_eps: float = 0.0
+  num_groups: int = 1
+  topk_groups: Optional[int] = None
+  bias_update_rate: float = 0.0
   # Switch Transformer: truncated normal with scale 0.1 / fan_in.
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
       0.1, 'fan_in', 'truncated_normal')
+
+  def _bias(self):
+    """The loss-free balancing bias variable, or None when it is off."""
+    if self.bias_update_rate <= 0:
+      return None
+    return self.variable('moe_state', 'bias', jnp.zeros,
+                         (self.num_experts,), jnp.float32)
 
   @nn.compact
   def __call__(self, x: jax.Array, capacity: int,
@@ -271,6 +353,7 @@ class Router(nn.Module):
     valid = jnp.ones((g, s), bool) if valid is None else valid
     kernel = self.param('kernel', self.kernel_init, (d, self.num_experts),
                         jnp.float32)
+    bias = self._bias()
     x_router = x
     if not deterministic and self.jitter_eps > 0:
       x_router = jitter(x, self.make_rng('router'), self.jitter_eps)
@@ -281,11 +364,18 @@ class Router(nn.Module):
       policy_rng = self.make_rng('router')
     decision = route_top_k(
         scores, self.top_k, capacity, self.priority, valid,
+        bias=None if bias is None else bias.value,
         renormalize=self.renormalize, scale=self.routed_scaling,
         second_expert_rng=policy_rng,
-        second_expert_threshold=self.second_expert_threshold)
+        second_expert_threshold=self.second_expert_threshold,
+        num_groups=self.num_groups, topk_groups=self.topk_groups)
     probs = losses.expert_probs(scores, self.score_fn)
     aux = {'aux_loss': losses.load_balance_loss(probs, decision, valid),
            'z_loss': losses.z_loss(logits, valid)}
     aux.update(losses.routing_metrics(probs, decision, valid))
+    if (bias is not None and not deterministic and
+        self.is_mutable_collection('moe_state')):
+      counts = losses.choice_counts(decision, valid).sum(0)  # [E]
+      bias.value = loss_free_bias_update(bias.value, counts,
+                                         self.bias_update_rate)
     return decision, aux

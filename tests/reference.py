@@ -66,3 +66,70 @@ def moe_layer(x, valid, params, k, capacity, priority, activation):
         if kept:
           y[g, t] += gate * ffn(x[g, t], params, expert, activation)
   return y
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def deepseek_route(logits, k, bias, num_groups, topk_groups, scale):
+  """One token's DeepSeek-V3 routing by explicit loops.
+
+  logits [E] -> list of (expert, gate): sigmoid scores; group score = sum of
+  a group's two best biased scores; best `topk_groups` groups; top-K of the
+  biased scores inside them; gates = unbiased scores renormalised over the
+  K chosen, times `scale`.
+  """
+  e = len(logits)
+  scores = _sigmoid(np.asarray(logits, np.float64))
+  biased = scores + bias
+  size = e // num_groups
+  group_scores = [sorted(biased[i * size:(i + 1) * size])[::-1][:2]
+                  for i in range(num_groups)]
+  group_scores = [sum(g) for g in group_scores]
+  groups = sorted(range(num_groups), key=lambda i: (-group_scores[i], i))
+  allowed = [x for i in groups[:topk_groups]
+             for x in range(i * size, (i + 1) * size)]
+  chosen = sorted(allowed, key=lambda x: (-biased[x], x))[:k]
+  total = sum(scores[x] for x in chosen)
+  return [(x, scale * scores[x] / total) for x in chosen]
+
+
+def expert_choice_layer(x, valid, params, capacity, activation):
+  """Expert-choice MoE by loops: x [G, S, D] -> y [G, S, D]."""
+  params = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  x = np.asarray(x, np.float64)
+  y = np.zeros_like(x)
+  for g in range(x.shape[0]):
+    logits = x[g] @ params['router']
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for e in range(probs.shape[1]):
+      tokens = [t for t in range(x.shape[1]) if valid[g, t]]
+      tokens = sorted(tokens, key=lambda t: (-probs[t, e], t))[:capacity]
+      for t in tokens:
+        y[g, t] += probs[t, e] * ffn(x[g, t], params, e, activation)
+  return y
+
+
+def soft_moe_layer(x, valid, params, activation):
+  """Soft MoE by loops: x [G, S, D], phi params['router'] [D, E, C]."""
+  params = {name: np.asarray(v, np.float64) for name, v in params.items()}
+  x = np.asarray(x, np.float64)
+  phi = params['router']
+  _, e, c = phi.shape
+  y = np.zeros_like(x)
+  for g in range(x.shape[0]):
+    tokens = [t for t in range(x.shape[1]) if valid[g, t]]
+    logits = {t: x[g, t] @ phi.reshape(len(x[g, t]), e * c) for t in tokens}
+    slot_out = []
+    for n in range(e * c):
+      w = np.array([np.exp(logits[t][n]) for t in tokens])
+      w /= w.sum()
+      slot_in = sum(wi * x[g, t] for wi, t in zip(w, tokens))
+      slot_out.append(ffn(slot_in, params, n // c, activation))
+    for t in tokens:
+      w = np.exp(logits[t] - logits[t].max())
+      w /= w.sum()
+      y[g, t] = sum(w[n] * slot_out[n] for n in range(e * c))
+  return y

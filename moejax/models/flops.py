@@ -7,8 +7,10 @@ Nothing is allocated: the param tree comes from `jax.eval_shape(model.init)`.
 
 Params:
   total      every parameter once (a tied embedding is one [V, D] table).
-  active     what one token uses: in each MoE block the router plus K of
-             the E experts (expert params * K / E); everything else fully.
+  active     what one token uses: in each MoE block the router plus its
+             share of the expert params (`experts_per_token` / E of them:
+             K for token choice, cf for expert choice, E*C/S slots for
+             Soft MoE; times the granularity); everything else fully.
   embedding  the input table embed/embedding [V, D] (an untied head [D, V]
              is not in it).
 
@@ -60,6 +62,32 @@ def param_shapes(model: TransformerLM, seq_len: Optional[int] = None):
   return variables['params']
 
 
+def experts_per_token(moe, seq_len: int) -> float:
+  """Mean number of (effective) experts that process one token.
+
+  Args:
+    moe: the model's MoeLayer kwargs (a mapping) or None.
+    seq_len: L (Soft MoE groups default to one sequence).
+
+  Returns:
+    token choice: granularity * top_k; expert choice: granularity * cf (the
+    training capacity factor; every expert fills its C = cf * S / E slots,
+    up to rounding); Soft MoE: granularity * E * slots_per_expert / S slot
+    evaluations per token; 0 without MoE.
+  """
+  if not moe:
+    return 0.0
+  m = moe.get('granularity', 1)
+  router = moe.get('router', 'topk')
+  if router == 'expert_choice':
+    cf = moe.get('capacity_factor', 1.25)
+    return float(m * (moe['num_experts'] if cf is None else cf))
+  if router == 'soft_moe':
+    s = moe.get('group_size') or seq_len
+    return m * moe['num_experts'] * moe.get('slots_per_expert', 1) / s
+  return float(m * moe.get('top_k', 1))
+
+
 def _names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, 'key', k)) for k in path)
 
@@ -77,7 +105,7 @@ def param_breakdown(model: TransformerLM,
     'norm' (RMSNorm scales), 'router' (router kernels, D * E per MoE
     block), 'experts' (all expert weights), 'moe_layers' (count).
   """
-  top_k = (model.moe or {}).get('top_k', 1)
+  per_token = experts_per_token(model.moe, seq_len or 8)
   counts = dict(total=0, active=0, embedding=0, norm=0, router=0, experts=0)
   moe_blocks = set()
   leaves = jax.tree_util.tree_flatten_with_path(param_shapes(model, seq_len))
@@ -94,7 +122,7 @@ def param_breakdown(model: TransformerLM,
       moe_blocks.add(names[0])
     if len(names) > 2 and names[1:3] == ('ffn', 'experts'):
       counts['experts'] += n
-      counts['active'] += n // leaf.shape[0] * top_k  # K of E experts
+      counts['active'] += round(n / leaf.shape[0] * per_token)
     else:
       counts['active'] += n
   counts['moe_layers'] = len(moe_blocks)

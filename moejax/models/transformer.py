@@ -118,20 +118,26 @@ def apply_rope(x: jax.Array, positions: jax.Array,
 
 
 def attention_mask(length: int,
-                   padding_mask: Optional[jax.Array] = None) -> jax.Array:
-  """Which keys each query may attend to: causal, and not padding.
+                   padding_mask: Optional[jax.Array] = None,
+                   causal: bool = True) -> jax.Array:
+  """Which keys each query may attend to: causal (if asked), and not padding.
 
   Args:
     length: L.
     padding_mask: optional [B, L] bool, True = padding.
+    causal: only keys j <= i (decoder); False: every real key (encoder).
 
   Returns:
-    [B or 1, 1, L, L] bool, [b, 0, i, j] True iff j <= i and key j is real.
+    [B or 1, 1, L, L] bool, [b, 0, i, j] True iff (j <= i or not causal)
+    and key j is real.
   """
-  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  allowed = jnp.ones((length, length), bool)
+  if causal:
+    allowed = jnp.tril(allowed)
+  allowed = allowed[None, None]
   if padding_mask is None:
-    return causal
-  return causal & ~padding_mask.astype(bool)[:, None, None, :]
+    return allowed
+  return allowed & ~padding_mask.astype(bool)[:, None, None, :]
 
 
 def _matrix_init(num_in_axes: int) -> nn.initializers.Initializer:
@@ -153,7 +159,8 @@ def _matrix_init(num_in_axes: int) -> nn.initializers.Initializer:
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention with RoPE on q and k, no biases.
+  """Multi-head self-attention with RoPE on q and k, no biases; causal
+  unless `causal=False` (the encoder).
 
   Params: `query`, `key`, `value` [D, H, Dh] and `out` [H, Dh, D].
   Scores and softmax are float32; a query with no allowed key (a padding
@@ -164,11 +171,13 @@ class CausalSelfAttention(nn.Module):
     rope_base: RoPE frequency base.
     dtype: compute dtype of the projections and the value mixing.
     param_dtype: storage dtype of the kernels.
+    causal: mask future keys (False: bidirectional, for encoders).
   """
   num_heads: int
   rope_base: float = 10000.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array,
@@ -197,7 +206,7 @@ class CausalSelfAttention(nn.Module):
     scores = jnp.einsum('BLHK,BMHK->BHLM', q, k,
                         preferred_element_type=jnp.float32)
     scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
-    mask = attention_mask(l, padding_mask)  # [B or 1, 1, L, L]
+    mask = attention_mask(l, padding_mask, self.causal)  # [B|1, 1, L, L]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
     mixed = jnp.einsum('BHLM,BMHK->BLHK', probs.astype(self.dtype), v)
@@ -206,7 +215,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm decoder block: attention then a dense or MoE FFN.
+  """One pre-norm block: attention then a dense or MoE FFN.
 
   Attributes:
     num_heads: H.
@@ -216,6 +225,8 @@ class Block(nn.Module):
     rope_base: RoPE base.
     dtype: compute dtype.
     param_dtype: parameter dtype.
+    causal: causal attention and MoeLayer(causal=True) (decoder); False for
+      the encoder.
   """
   num_heads: int
   d_ff: int
@@ -224,6 +235,7 @@ class Block(nn.Module):
   rope_base: float = 10000.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
@@ -242,22 +254,33 @@ class Block(nn.Module):
                                    param_dtype=self.param_dtype, name=name)
     h = norm('attn_norm')(x)
     x = x + CausalSelfAttention(self.num_heads, self.rope_base, self.dtype,
-                                self.param_dtype, name='attn')(h, padding_mask)
+                                self.param_dtype, self.causal,
+                                name='attn')(h, padding_mask)
     h = norm('ffn_norm')(x)
     if self.moe is None:
       y = DenseFfn(self.d_ff, self.activation, self.dtype, self.param_dtype,
                    name='ffn')(h)
       return x + y.astype(x.dtype), None
     y, aux = MoeLayer(**self.moe, d_ff=self.d_ff, activation=self.activation,
-                      causal=True, dtype=self.dtype,
+                      causal=self.causal, dtype=self.dtype,
                       param_dtype=self.param_dtype, name='ffn')(
                           h, padding_mask=padding_mask,
                           deterministic=deterministic)
     return x + y.astype(x.dtype), aux
 
 
-def _freeze_moe(moe: Optional[Mapping]) -> Optional[FrozenDict]:
-  """Validates a `moe` mapping; returns it frozen, or None if MoE is off."""
+def freeze_moe(moe: Optional[Mapping], d_ff: int = 1,
+               causal: bool = True) -> Optional[FrozenDict]:
+  """Validates a `moe` mapping; returns it frozen, or None if MoE is off.
+
+  Args:
+    moe: MoeLayer keyword args, or None.
+    d_ff: the model's F (checked against `granularity`).
+    causal: the model is causal (non-causal routers are refused).
+
+  Returns:
+    The mapping as a FrozenDict, or None (no MoE, or num_experts == 0).
+  """
   if moe is None:
     return None
   if not isinstance(moe, Mapping):
@@ -273,7 +296,7 @@ def _freeze_moe(moe: Optional[Mapping]) -> Optional[FrozenDict]:
     raise ValueError(f'moe may not set {", ".join(reserved)}: the model '
                      'passes them to every MoeLayer.')
   try:  # Runs MoeLayer's own validation now, before anything compiles.
-    MoeLayer(**moe, d_ff=1, causal=True, parent=None)
+    MoeLayer(**moe, d_ff=d_ff, causal=causal, parent=None)
   except TypeError as e:
     raise ValueError(f'moe holds an unknown MoeLayer argument: {e}') from e
   return moe
@@ -325,7 +348,7 @@ class TransformerLM(nn.Module):
                        f'{self.num_heads} must be even for RoPE.')
     moe_layer_indices(self.num_layers, self.moe_every,
                       self.first_dense_layers)  # validates the placement args
-    object.__setattr__(self, 'moe', _freeze_moe(self.moe))
+    object.__setattr__(self, 'moe', freeze_moe(self.moe, self.d_ff))
     super().__post_init__()
 
   @property
