@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import sharding
+
 ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
 _NONLINEARITY = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu,
                  'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
@@ -85,6 +87,10 @@ class ExpertBank(nn.Module):
   `wo` [E, F, D], stored in `param_dtype`, computed in `dtype`.
 
   __call__: buffers [G, E, C, D] -> [G, E, C, D].
+
+  Under `jax.set_mesh(mesh)` with an 'expert' axis and more than one device
+  the experts run expert-parallel (`sharding.expert_parallel_ffn`); the
+  params (names, shapes, init) do not depend on the mesh.
   """
   num_experts: int
   d_ff: int
@@ -96,6 +102,15 @@ class ExpertBank(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     g, e, c, d = x.shape
     f = self.d_ff
+    mesh = sharding.expert_parallel_mesh()
+    if mesh is not None:  # Same params, created in _ffn's order.
+      check_activation(self.activation)
+      init = expert_kernel_init()
+      wis = [self.param(name, init, (e, d, f), self.param_dtype)
+             for name in _input_names(self.activation)]
+      wo = self.param('wo', init, (e, f, d), self.param_dtype)
+      return sharding.expert_parallel_ffn(
+          x, wis, wo, _NONLINEARITY[self.activation], self.dtype, mesh)
     # Expert-major [E, G*C, D]: one plain GEMM per expert. Contracting the
     # [G, E, C, D] layout directly made XLA transpose operands and outputs
     # (measured on CPU: up to 1.7x slower at E=256; experiments/benchmark.py).

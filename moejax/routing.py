@@ -89,6 +89,25 @@ def scores_from_logits(logits: jax.Array, score_fn: str) -> jax.Array:
   return jax.nn.sigmoid(logits)
 
 
+def top_k_indices(x: jax.Array, k: int) -> jax.Array:
+  """Indices of the k largest entries of x [..., N] along the last axis.
+
+  Best first, ties to the lower index (as `jax.lax.top_k`). Done as k rounds
+  of argmax-and-mask: on a batch-sharded x the SPMD partitioner keeps every
+  round local, while `lax.top_k` made it all-gather x across devices.
+
+  Returns:
+    [..., k] int32.
+  """
+  picked = []
+  for _ in range(k):
+    index = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [...]
+    picked.append(index)
+    hit = jnp.arange(x.shape[-1]) == index[..., None]
+    x = jnp.where(hit, -jnp.inf, x)
+  return jnp.stack(picked, axis=-1)
+
+
 def group_limited_mask(selection: jax.Array, num_groups: int,
                        topk_groups: int) -> jax.Array:
   """Which experts group-limited selection allows (DeepSeek-V3).
@@ -112,9 +131,10 @@ def group_limited_mask(selection: jax.Array, num_groups: int,
   g, s, e = selection.shape
   per_group = e // num_groups
   grouped = selection.reshape(g, s, num_groups, per_group)
-  best, _ = jax.lax.top_k(grouped, min(2, per_group))  # [G, S, NG, <=2]
+  best = jnp.take_along_axis(
+      grouped, top_k_indices(grouped, min(2, per_group)), axis=-1)
   group_score = best.sum(-1)  # [G, S, NG]
-  _, kept_groups = jax.lax.top_k(group_score, topk_groups)  # [G, S, TG]
+  kept_groups = top_k_indices(group_score, topk_groups)  # [G, S, TG]
   keep = jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.int32).sum(-2)
   return jnp.repeat(keep > 0, per_group, axis=-1)  # [G, S, E]
 
@@ -142,7 +162,7 @@ def select_top_k(scores: jax.Array, k: int,
   if topk_groups is not None and topk_groups < num_groups:
     allowed = group_limited_mask(selection, num_groups, topk_groups)
     selection = jnp.where(allowed, selection, -jnp.inf)
-  _, expert_index = jax.lax.top_k(selection, k)
+  expert_index = top_k_indices(selection, k)  # [G, S, K]
   gate = jnp.take_along_axis(scores, expert_index, axis=-1)
   return expert_index.astype(jnp.int32), gate.astype(jnp.float32)
 

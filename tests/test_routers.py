@@ -376,3 +376,13 @@ def test_noncausal_router_allowed_when_asked():
   layer = moejax.MoeLayer(num_experts=4, d_ff=F, router='expert_choice',
                           causal=True, allow_noncausal_routing=True)
   assert layer.router == 'expert_choice'
+
+
+def test_top_k_indices_equals_lax_top_k_with_ties():
+  rng = np.random.default_rng(0)
+  # Values from {0, .25, .5, .75}: many ties, which both break to the lower
+  # index.
+  x = jnp.asarray(rng.integers(0, 4, size=(3, 5, 8)) / 4, jnp.float32)
+  for k in (1, 2, 3, 8):
+    np.testing.assert_array_equal(routing.top_k_indices(x, k),
+                                  jax.lax.top_k(x, k)[1])

@@ -1,0 +1,280 @@
+"""Expert parallelism on 8 fake CPU devices (run by test_sharding.py).
+
+Not collected by a plain `pytest` run (the name does not match test_*.py):
+the fake devices must exist before JAX starts, so
+`test_sharding.test_multidevice_checks` runs this module in a subprocess
+with XLA_FLAGS=--xla_force_host_platform_device_count=8 and PJRT_NPROC=16.
+To run it by hand:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 PJRT_NPROC=16 \
+      python -m pytest -q tests/sharding/multidevice_checks.py
+
+Shapes are tiny, params are drawn with numpy (no init programs to
+compile), and one forward-and-gradient program of both dispatchers is
+compiled per mesh and reused by the HLO test. test_sharding.py adds
+--xla_backend_optimization_level=0 (half the compile time; the same flags
+for the single-device reference and the meshes).
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moejax
+from moejax import sharding
+from moejax.dispatch import DISPATCHERS
+from moejax.models.transformer import TransformerLM
+from moejax.routing import RoutingDecision
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason='needs 8 devices: set XLA_FLAGS=--xla_force_host_platform_'
+    'device_count=8 before JAX starts (test_sharding.py does)')
+
+# B=8 sequences of L=8 tokens, one group per sequence: G=8, S=8. E=4, K=2,
+# cf=0.75: C = ceil(0.75 * 8 * 2 / 4) = 3 (min_capacity=0), so assignments
+# drop, and on the (1, 8, 1) mesh (R = 8 / 4 = 2 replicas per expert) C is
+# padded to 4 and split into two chunks of 2.
+B, L, D, F, E = 8, 8, 8, 16, 4
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 8, 1), (2, 2, 2)]
+# einsum with a gated activation (wi_0, wi_1), gather with one wi.
+ACTIVATIONS = {'einsum': 'swiglu', 'gather': 'relu'}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _exact_matmuls():
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+def _layer(dispatcher, num_experts=E):
+  return moejax.MoeLayer(
+      num_experts=num_experts, d_ff=F, top_k=2, capacity_factor=0.75,
+      eval_capacity_factor=0.75, min_capacity=0, dispatcher=dispatcher,
+      activation=ACTIVATIONS[dispatcher])
+
+
+def _random_params(abstract, seed):
+  """Normal(0, 0.5) values for a tree of ShapeDtypeStructs (numpy: no
+  init program to compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype),
+      abstract)
+
+
+@functools.lru_cache(maxsize=None)
+def _inputs():
+  """x [B, L, D], the output cotangent r, and both layers' params."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  r = jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32)
+  params = {}
+  for name in ACTIVATIONS:
+    abstract = jax.eval_shape(_layer(name).init, jax.random.key(0), x)
+    params[name] = _random_params(abstract['params'], 1)
+    # A decisive router: no near-ties in top-K.
+    params[name]['router']['kernel'] = params[name]['router']['kernel'] * 4.0
+  return x, r, params
+
+
+def _loss_and_grads(params, x, r):
+  """Both dispatchers: ({name: y [B, L, D]}, {name: (d params, d x)})."""
+  def loss(p, x, name):
+    y, aux = _layer(name).apply({'params': p}, x)
+    return jnp.sum(y * r) + aux['aux_loss'], y
+
+  ys, grads = {}, {}
+  for name in ACTIVATIONS:
+    (_, ys[name]), grads[name] = jax.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(params[name], x, name)
+  return ys, grads
+
+
+@functools.lru_cache(maxsize=None)
+def _run(mesh_shape):
+  """(outputs, grads, compiled HLO text) on a mesh; None = no mesh."""
+  x, r, params = _inputs()
+  if mesh_shape is None:
+    compiled = jax.jit(_loss_and_grads).lower(params, x, r).compile()
+    return (*compiled(params, x, r), compiled.as_text())
+  mesh = sharding.make_mesh(*mesh_shape)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+    x = jax.device_put(x, sharding.batch_sharding(mesh))
+    compiled = jax.jit(_loss_and_grads).lower(params, x, r).compile()
+    out = jax.block_until_ready(compiled(params, x, r))
+  return (*out, compiled.as_text())
+
+
+@pytest.mark.parametrize('mesh_shape', MESHES)
+def test_layer_output_and_grads_match_one_device(mesh_shape):
+  ys0, grads0, _ = _run(None)
+  ys, grads, _ = _run(mesh_shape)
+  for name in ACTIVATIONS:
+    np.testing.assert_allclose(ys[name], ys0[name], rtol=1e-5, atol=1e-5)
+    flat0 = jax.tree_util.tree_leaves_with_path(grads0[name])
+    flat = jax.tree.leaves(grads[name])
+    assert len(flat) == len(flat0) == 1 + 1 + (3 if name == 'einsum' else 2)
+    for (path, g0), g in zip(flat0, flat):
+      np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-5,
+                                 err_msg=f'{name} {path}')
+  assert float(jnp.max(jnp.abs(ys0['gather']))) > 0.1  # not trivially zero
+
+
+def _collectives(hlo: str) -> dict:
+  """{op: count} of the collectives in a compiled HLO text."""
+  ops = ('all-to-all', 'all-reduce', 'all-gather', 'reduce-scatter',
+         'collective-permute')
+  return {op: len(re.findall(rf'= [^=]* {op}(?:-start)?\(', hlo))
+          for op in ops}
+
+
+@pytest.mark.parametrize('mesh_shape', [(2, 4, 1), (2, 2, 2)])
+def test_hlo_has_all_to_all_and_no_expert_weight_all_gather(mesh_shape):
+  hlo = _run(mesh_shape)[2]
+  counts = _collectives(hlo)
+  print(mesh_shape, counts)
+  # Forward: dispatch and return exchange; backward: their transposes; per
+  # dispatcher. XLA may merge independent all-to-alls into one tuple op.
+  assert counts['all-to-all'] >= 2
+  gathered = re.findall(r'= (\S+) all-gather(?:-start)?\(', hlo)
+  f_shard = F // mesh_shape[2]  # all E experts' weights, whole or F-split
+  full = {f'f32[{E},{D},{f}]' for f in (F, f_shard)} | {
+      f'f32[{E},{f},{D}]' for f in (F, f_shard)}  # wi*, wo
+  assert not any(shape.split('{')[0] in full for shape in gathered), gathered
+  if mesh_shape[2] > 1:  # the psum over 'model' after wo
+    assert counts['all-reduce'] >= 1
+
+
+def _dummy_decision(g, s, k, e, c):
+  """A fixed RoutingDecision: choice j of token t goes to (3t + j + g) % E,
+  slots in choice-major order, gates 0.5 / 0.25 (exact in float)."""
+  gi, si, ki = np.meshgrid(np.arange(g), np.arange(s), np.arange(k),
+                           indexing='ij')
+  expert = (3 * si + ki + gi) % e  # [G, S, K]
+  slot = np.zeros_like(expert)
+  for gg in range(g):
+    count = np.zeros(e, int)
+    for kk in range(k):
+      for ss in range(s):
+        slot[gg, ss, kk] = count[expert[gg, ss, kk]]
+        count[expert[gg, ss, kk]] += 1
+  gate = np.where(ki == 0, 0.5, 0.25).astype(np.float32)
+  return RoutingDecision(
+      expert_index=jnp.asarray(expert, jnp.int32),
+      slot=jnp.asarray(slot, jnp.int32), gate=jnp.asarray(gate),
+      request=jnp.ones(expert.shape, bool), kept=jnp.asarray(slot < c),
+      num_experts=e, capacity=c)
+
+
+@pytest.mark.parametrize('mesh_shape', [(2, 4, 1), (1, 8, 1), (4, 2, 1)],
+                         ids=['expert_eq_E', 'expert_gt_E', 'expert_lt_E'])
+def test_dummy_experts_give_exact_outputs(mesh_shape):
+  # Expert e adds e + 1 to its slots, through the weights [E] = 1..E, so a
+  # wrong exchange or a wrong weight slice changes the output. Token t gets
+  #   y = sum_k kept_k * gate_k * (x + e_k + 1),
+  # every term exact (integer x, gates 1/2 and 1/4).
+  g, s, k, c = 8, 6, 2, 3  # 12 choices over 4 experts: 3 each on average
+  decision = _dummy_decision(g, s, k, E, c)
+  x = jnp.asarray(np.arange(g * s * D).reshape(g, s, D) % 7, jnp.float32)
+  weights = jnp.arange(1, E + 1, dtype=jnp.float32)  # [E]
+  add = lambda rows, w: rows + w[:, None, None]  # [E', N, D] + [E', 1, 1]
+
+  def run(x, weights):
+    return {name: d.combine(sharding.expert_parallel_apply(
+        add, d.dispatch(x, decision), weights, jax.sharding.PartitionSpec(),
+        mesh), decision) for name, d in DISPATCHERS.items()}
+
+  kept = np.asarray(decision.kept)
+  e_idx = np.asarray(decision.expert_index)
+  w = np.asarray(decision.gate) * kept  # [G, S, K]
+  expected = np.einsum('gsk,gsd->gsd', w, np.asarray(x)) + np.sum(
+      w * (e_idx + 1), axis=-1)[..., None]
+  assert 0 < kept.sum() < kept.size  # some drops: slots past C = 3
+  mesh = sharding.make_mesh(*mesh_shape)
+  with jax.set_mesh(mesh):
+    out = jax.jit(run)(x, weights)
+  for name, y in out.items():
+    np.testing.assert_array_equal(y, expected, err_msg=name)
+
+
+def test_params_do_not_depend_on_the_mesh():
+  # ExpertBank creates its params on the expert-parallel path itself: same
+  # names, shapes and values as without a mesh (default threefry keys give
+  # the same values however the draw is partitioned).
+  bank = moejax.ExpertBank(num_experts=E, d_ff=F, activation='geglu')
+  buffers = jnp.ones((8, E, 2, D))  # [G, E, C, D]
+  init = lambda: jax.jit(bank.init)(jax.random.key(5), buffers)['params']
+  plain = init()
+  with jax.set_mesh(sharding.make_mesh(2, 4, 1)):
+    on_mesh = init()
+  assert set(on_mesh) == {'wi_0', 'wi_1', 'wo'}
+  assert jax.tree.structure(on_mesh) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_transformer_lm_on_a_mesh_matches_one_device():
+  # One MoE block (attention heads and F over 'model', experts over
+  # 'expert'), params placed by tree_shardings.
+  model = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=16,
+                        vocab_size=32, moe=dict(num_experts=4,
+                                                capacity_factor=1.0))
+  tokens = jnp.asarray(np.arange(64).reshape(8, 8) * 5 % 32, jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  params = _random_params(abstract['params'], 2)
+  forward = jax.jit(lambda p, t: model.apply({'params': p}, t)[0])
+  logits0 = forward(params, tokens)
+  mesh = sharding.make_mesh(2, 2, 2)
+  shardings = sharding.tree_shardings(params, mesh)
+  wi = shardings['block_0']['ffn']['experts']['wi']  # [E, D, F]
+  assert wi.spec == jax.sharding.PartitionSpec('expert', None, 'model')
+  with jax.set_mesh(mesh):
+    logits = forward(jax.device_put(params, shardings),
+                     jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-5)
+
+
+def test_shard_batch_one_process():
+  mesh = sharding.make_mesh(2, 4, 1)
+  tokens = np.arange(8 * 5).reshape(8, 5)
+  assert sharding.process_batch_rows(mesh, 8) == slice(0, 8)
+  batch = sharding.shard_batch({'tokens': tokens}, mesh, 8)['tokens']
+  np.testing.assert_array_equal(batch, tokens)
+  assert batch.sharding.spec == jax.sharding.PartitionSpec(('data', 'expert'))
+  # Device (data 1, expert 2) holds batch shard 1 * 4 + 2 = 6: row 6.
+  shard = [s for s in batch.addressable_shards
+           if s.device == mesh.devices[1, 2, 0]][0]
+  np.testing.assert_array_equal(shard.data, tokens[6:7])
+  with pytest.raises(ValueError, match='rows 0:8'):
+    sharding.shard_batch({'tokens': tokens[:4]}, mesh, 8)
+
+
+def test_mesh_errors_before_compiling():
+  with pytest.raises(ValueError, match=r'needs 16 devices but only 8'):
+    sharding.make_mesh(16, 1, 1)
+  with pytest.raises(ValueError, match=r'mesh\.expert=-1 cannot fill 8'):
+    sharding.make_mesh(3, -1, 1)
+  with pytest.raises(ValueError, match=r'only one of .* mesh\.data, '
+                     r'mesh\.model'):
+    sharding.make_mesh(-1, 2, -1)
+  assert sharding.make_mesh(2, -1, 1).shape == {'data': 2, 'expert': 4,
+                                                'model': 1}
+  cases = [  # (mesh, num_experts, batch, message)
+      ((2, 4, 1), 6, B, r'model\.moe\.num_experts=6 must be divisible by '
+       r'mesh\.expert=4'),
+      ((1, 8, 1), 3, B, r'mesh\.expert=8 is larger than model\.moe\.'
+       r'num_experts=3'),
+      ((2, 4, 1), E, 2, r'G=2 groups .* mesh\.data \* mesh\.expert = 8'),
+  ]
+  for shape, num_experts, batch, message in cases:
+    layer = _layer('gather', num_experts)
+    x = jax.ShapeDtypeStruct((batch, L, D), jnp.float32)
+    with jax.set_mesh(sharding.make_mesh(*shape)):
+      with pytest.raises(ValueError, match=message):
+        jax.eval_shape(layer.init, jax.random.key(0), x)  # traces only
