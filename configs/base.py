@@ -3,7 +3,9 @@
 Every key a run may set lives here: `experiments.config_lib.validate_config`
 rejects keys outside this tree and values whose type differs from the type
 here (see `NULLABLE` for keys that may also be None). The three experiment
-configs only change the `model.moe` block and pick a size variant.
+configs only change the `model.moe` block and pick a size variant. Every
+`model.moe` key but `num_experts` is MoE-only: a dense config
+(`num_experts=0`) must leave them at the defaults here.
 
 Variants (`SIZES`):
   tiny   L=64, D=64, F=128, 2 layers, E=4, B=16, 300 steps: a smoke run.
@@ -79,6 +81,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       min_capacity=4, router='topk', score_fn='softmax',
       dispatcher='gather', priority='choice', second_expert_policy='all',
       jitter_eps=0.0, group_size=None, moe_every=1, first_dense_layers=0,
+      # priority='score' lets a token's routing see later tokens: a causal
+      # LM refuses it unless this is True.
+      allow_noncausal_routing=False,
       aux_loss_weight=0.01, z_loss_weight=0.0))
   return c
 

@@ -3,7 +3,8 @@
 Everything here raises ValueError with a message naming the full config key
 (e.g. `model.moe.top_k`), the bad value and what is allowed, before any
 data is built or anything compiles. `experiments.train` turns these into
-`error: <message>` and exit code 2.
+`error: <message>` and exit code 2. `check_workdir_config` refuses a work
+dir whose stored config.json differs, listing the differing keys.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ SYNTHETIC_KEYS = ('num_domains', 'vocab_size', 'support', 'alpha', 'seed',
 MOE_LAYER_KEYS = ('num_experts', 'top_k', 'capacity_factor',
                   'eval_capacity_factor', 'min_capacity', 'router',
                   'score_fn', 'dispatcher', 'priority',
-                  'second_expert_policy', 'jitter_eps', 'group_size')
+                  'second_expert_policy', 'jitter_eps', 'group_size',
+                  'allow_noncausal_routing')
 # TransformerLM argument -> config key (MoeLayer arguments: model.moe.<arg>).
 MODEL_ARG_KEYS = {
     'vocab_size': 'data.vocab_size', 'num_layers': 'model.num_layers',
@@ -220,18 +222,28 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
              f'None or a token id in [0, {vocab_size(config)})')
 
 
-def _prefixed(error: ValueError, layer_args: bool) -> ValueError:
-  """Renames the argument a model error starts with to its config key."""
+def _config_key(name: str) -> Optional[str]:
+  """The config key of a TransformerLM / MoeLayer argument name, if any."""
+  if name in MODEL_ARG_KEYS:
+    return MODEL_ARG_KEYS[name]
+  if name in MOE_LAYER_KEYS:
+    return f'model.moe.{name}'
+  return None
+
+
+def _prefixed(error: ValueError) -> ValueError:
+  """Renames the arguments a model error names to their config keys:
+  'top_k=5 must be <= num_experts=4' -> 'model.moe.top_k=5 must be <=
+  model.moe.num_experts=4'; errors not about an argument get 'model: '."""
   message = str(error)
   match = re.match(r'[A-Za-z_]+', message)
   name = match.group(0) if match else ''
-  if name in MODEL_ARG_KEYS:
-    key = MODEL_ARG_KEYS[name]
-  elif layer_args and name in MOE_LAYER_KEYS:
-    key = f'model.moe.{name}'
-  else:
+  if _config_key(name) is None:
     return ValueError(f'model: {message}')
-  return ValueError(key + message[len(name):])
+  rest = re.sub(r"(?<![\w.'])([A-Za-z_]+)(?==)",
+                lambda m: _config_key(m.group(1)) or m.group(1),
+                message[len(name):])
+  return ValueError(_config_key(name) + rest)
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:
@@ -245,16 +257,25 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
   moe = m.moe
   _require('model.moe.num_experts', moe.num_experts, moe.num_experts >= 0,
            '0 (dense) or an int >= 1')
+  if (m.num_heads >= 1 and m.d_model % m.num_heads == 0 and
+      (m.d_model // m.num_heads) % 2):
+    raise ValueError(
+        f'model.d_model={m.d_model} with model.num_heads={m.num_heads} gives '
+        f'an odd head width {m.d_model // m.num_heads}, but RoPE needs an '
+        'even one; allowed values: model.d_model a multiple of 2 x '
+        f'model.num_heads = {2 * m.num_heads}.')
+  _check_dense_moe_keys(config)
   try:
     model = build_model(config)
   except ValueError as e:
-    raise _prefixed(e, layer_args=True) from e
+    raise _prefixed(e) from e
   if moe.num_experts and not model.moe_layers:
     raise ValueError(
         f'model.moe.first_dense_layers={moe.first_dense_layers} with '
         f'model.moe.moe_every={moe.moe_every} leaves no MoE layer among '
-        f'model.num_layers={m.num_layers}; set model.moe.num_experts=0 for a '
-        'dense model.')
+        f'model.num_layers={m.num_layers}; allowed values: '
+        'model.moe.first_dense_layers + model.moe.moe_every <= '
+        f'{m.num_layers}, or model.moe.num_experts=0 for a dense model.')
   tokens = t.batch_size * d.seq_len
   if moe.num_experts and moe.group_size and tokens % moe.group_size:
     raise ValueError(
@@ -263,6 +284,28 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         f'{d.seq_len}); allowed values: None or a divisor of {tokens}.')
   for name in ('aux_loss_weight', 'z_loss_weight'):
     _require(f'model.moe.{name}', moe[name], moe[name] >= 0, '>= 0')
+  if (moe.num_experts and moe.second_expert_policy == 'random' and
+      moe.top_k < 2):
+    raise ValueError(
+        f"model.moe.second_expert_policy='random' drops 2nd-and-later "
+        f'expert choices, but model.moe.top_k={moe.top_k} makes none; '
+        "allowed values: 'all' with top_k=1, or model.moe.top_k >= 2.")
+
+
+def _check_dense_moe_keys(config: ml_collections.ConfigDict) -> None:
+  """A dense model (num_experts=0) must leave the MoE-only keys at their
+  defaults: a set one would silently do nothing."""
+  moe = config.model.moe
+  if moe.num_experts != 0:
+    return
+  defaults = base_config.get_base_config().model.moe
+  for key in defaults:
+    if key != 'num_experts' and moe[key] != defaults[key]:
+      raise ValueError(
+          f'model.moe.{key}={moe[key]!r} is an MoE-only setting, but '
+          'model.moe.num_experts=0 makes a dense model where it would do '
+          f'nothing; allowed values: the default {defaults[key]!r}, or set '
+          'model.moe.num_experts >= 1.')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -295,7 +338,8 @@ def moe_kwargs(config: ml_collections.ConfigDict) -> Optional[dict]:
   moe = config.model.moe
   if moe.num_experts == 0:
     return None
-  return {k: moe[k] for k in MOE_LAYER_KEYS}
+  # A key missing from an older config.json keeps the MoeLayer default.
+  return {k: moe[k] for k in MOE_LAYER_KEYS if k in moe}
 
 
 def build_model(config: ml_collections.ConfigDict) -> TransformerLM:
@@ -389,30 +433,80 @@ def resolved_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-# Keys that fix the shapes of a checkpoint: a workdir must keep them.
-_STATE_KEYS = ('model.', 'data.vocab_size', 'data.name')
+# ------------------------------------------------------- work dir vs config
+CONFIG_FILE = 'config.json'
+_ABSENT = '<absent>'
 
 
-def check_resume_config(config: ml_collections.ConfigDict,
-                        workdir: str) -> None:
-  """Refuses to resume a workdir whose checkpoints have other shapes.
+def config_diff(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
+  """Differing keys of two resolved configs, as (key, stored, new).
 
-  Compares the model.* keys, data.vocab_size and data.name with the
-  `config.json` of a workdir that already holds checkpoints.
+  A key the stored config lacks counts only if the new value is not the
+  base default (so configs written before a key was added still match).
 
   Args:
-    config: the new run config.
-    workdir: the run directory (may not exist yet).
+    stored: the work dir's config.json (nested dict).
+    new: the new run's resolved_config (nested dict).
+
+  Returns:
+    Sorted [(dotted key, stored value or '<absent>', new value or
+    '<absent>')].
   """
-  path = os.path.join(workdir, 'config.json')
-  if not (os.path.exists(path) and
-          os.path.isdir(os.path.join(workdir, 'checkpoints'))):
-    return
-  with open(path, encoding='utf-8') as f:
-    saved = flatten(json.load(f))
-  for key, value in flatten(config.to_dict()).items():
-    if key.startswith(_STATE_KEYS) and key in saved and saved[key] != value:
-      raise ValueError(
-          f'{key}={value!r} differs from {saved[key]!r} in {path}, whose '
-          'checkpoints would not fit this model; allowed values: the saved '
-          'one, or use a fresh --workdir.')
+  old, cur = flatten(stored), flatten(new)
+  defaults = flatten(base_config.get_base_config().to_dict())
+  out = []
+  for key in sorted(set(old) | set(cur)):
+    a, b = old.get(key, _ABSENT), cur.get(key, _ABSENT)
+    if a == _ABSENT and key in defaults and b == defaults[key]:
+      continue
+    if a != b or isinstance(a, bool) != isinstance(b, bool):  # 1 vs True
+      out.append((key, a, b))
+  return out
+
+
+def _fmt(value: Any) -> str:
+  return value if value == _ABSENT else repr(value)
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
+                         override: bool = False) -> list[str]:
+  """Refuses a work dir whose stored config.json differs from `config`.
+
+  Args:
+    config: the new run's (validated) config.
+    workdir: the run directory (may not exist yet).
+    override: accept the differences (the caller continues the run with
+      the new config).
+
+  Returns:
+    The differing keys as 'key: stored -> new' lines ([] if none or no
+    stored config).
+
+  Raises:
+    ValueError: the configs differ (or config.json is unreadable) and not
+      `override`; the message lists every differing key.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path, encoding='utf-8') as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    if override:
+      return [f'(unreadable {path}: {e})']
+    raise ValueError(
+        f'--workdir {workdir}: the stored {path} cannot be read ({e}); '
+        'allowed: --override to continue with the new config, or --fresh '
+        'to move the old run aside and start over.') from e
+  lines = [f'  {key}: {_fmt(a)} -> {_fmt(b)}'
+           for key, a, b in config_diff(stored, resolved_config(config))]
+  if lines and not override:
+    raise ValueError(
+        f'--workdir {workdir} holds a run with a different config ({path});'
+        ' the differing keys (stored -> new):\n' + '\n'.join(lines) +
+        '\nResuming would mix two configs in one run. Allowed: the stored '
+        'values (the same command as before); --override to continue this '
+        'run with the new config (the stored one is kept as config.<n>.json);'
+        ' or --fresh to move the old run aside and start over.')
+  return lines

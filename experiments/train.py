@@ -6,10 +6,23 @@
 `--config PATH[:VARIANT]` loads `get_config(VARIANT)` from PATH; every
 `--config.<dotted.key>=<value>` (or `--config.<key> <value>`) overrides one
 key (values are Python literals, `none`/`true`/`false`, or plain strings).
-A bad config prints `error: <message naming the key>` to stderr and exits
-with code 2 before any data is built or anything compiles. Re-running the
-same command in the same workdir resumes from the latest checkpoint; SIGTERM
-saves a checkpoint and exits with code 0.
+Re-running the same command in the same workdir resumes from the newest
+intact checkpoint; SIGTERM saves a checkpoint and exits with code 0.
+
+A workdir whose config.json differs from the new config is refused with the
+list of differing keys (`key: stored -> new`) unless one of:
+  --fresh     move the old run to `<workdir>.old-<n>` and start over;
+  --override  continue the run with the new config (the stored config is
+              kept as `config.<n>.json`).
+
+Exit codes (errors print `error: <message>` to stderr):
+  0  done, or stopped by SIGTERM after saving a checkpoint;
+  1  a checkpoint could not be written, or checkpoints exist but none can
+     be restored (nothing is started over);
+  2  bad config or refused workdir: before any data is built or anything
+     compiles; the message names the key, the value and what is allowed;
+  3  a non-finite loss / gradient: the message names the step and the first
+     non-finite MoE layer; the last checkpoint is left intact.
 
 Most of a tiny run's wall time is XLA compilation; setting
 JAX_COMPILATION_CACHE_DIR=<dir> (JAX's persistent compilation cache) makes
@@ -19,6 +32,8 @@ re-runs and resumes of the same config skip it.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from typing import Optional, Sequence
@@ -35,7 +50,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     argv: arguments without the program name (None: sys.argv[1:]).
 
   Returns:
-    (argparse namespace with config, workdir; {dotted key: value}).
+    (argparse namespace with config, workdir, fresh, override; {dotted key:
+    value}).
   """
   parser = argparse.ArgumentParser(
       prog='python -m experiments.train',
@@ -46,6 +62,13 @@ def parse_args(argv: Optional[Sequence[str]]):
                            'configs/switch.py:tiny')
   parser.add_argument('--workdir', required=True,
                       help='run directory (resumed if it has checkpoints)')
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument('--fresh', action='store_true',
+                     help='move an existing run in --workdir to '
+                          '<workdir>.old-<n> and start over')
+  group.add_argument('--override', action='store_true',
+                     help='continue the run in --workdir even though its '
+                          'stored config differs from this one')
   args, rest = parser.parse_known_args(argv)
   overrides, i = {}, 0
   while i < len(rest):
@@ -78,37 +101,106 @@ def load_and_validate(spec: str, overrides: dict):
   return config
 
 
+EXIT_RUN_ERROR, EXIT_BAD_CONFIG, EXIT_NONFINITE = 1, 2, 3
+
+
+def _error(message: str, code: int) -> int:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  return code
+
+
+def _next_free(pattern: str) -> str:
+  """pattern.format(n) for the smallest n >= 1 that does not exist."""
+  n = 1
+  while os.path.exists(pattern.format(n)):
+    n += 1
+  return pattern.format(n)
+
+
+def keep_stored_config(workdir: str) -> Optional[str]:
+  """Copies config.json to config.<n>.json (before an --override run).
+
+  Returns:
+    The copy's path, or None if there is no config.json.
+  """
+  path = os.path.join(workdir, config_lib.CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  target = _next_free(os.path.join(workdir, 'config.{}.json'))
+  shutil.copyfile(path, target)
+  return target
+
+
+def move_run_aside(workdir: str) -> Optional[str]:
+  """Renames a non-empty work dir to `<workdir>.old-<n>` (for --fresh).
+
+  Nothing is deleted; the caller starts a new run in `workdir`.
+
+  Returns:
+    The new name of the old run, or None if there was nothing to move.
+  """
+  workdir = os.path.normpath(workdir)
+  if not os.path.isdir(workdir) or not os.listdir(workdir):
+    return None
+  target = _next_free(workdir + '.old-{}')
+  os.rename(workdir, target)
+  return target
+
+
+def _prepare_workdir(args, diff: list) -> None:
+  """--fresh: moves the old run aside; --override: keeps its config."""
+  if args.fresh:
+    moved = move_run_aside(args.workdir)
+    if moved:
+      print(f'--fresh: moved the previous run to {moved}', flush=True)
+  elif diff:
+    kept = keep_stored_config(args.workdir)
+    print('--override: continuing with a config that differs from the '
+          f'stored one (kept as {kept}):\n' + '\n'.join(diff), flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the trainer; returns the process exit code (0 ok, 2 bad config).
+  """Runs the trainer; returns the process exit code (see the module doc).
 
   Args:
     argv: arguments without the program name (None: sys.argv[1:]).
 
   Returns:
-    Exit code.
+    Exit code: 0 ok, 1 checkpoint error, 2 bad config / refused workdir,
+    3 non-finite values.
   """
   args, overrides = parse_args(argv)
   start = time.time()
   try:
     config = load_and_validate(args.config, overrides)
-    config_lib.check_resume_config(config, args.workdir)
+    diff = [] if args.fresh else config_lib.check_workdir_config(
+        config, args.workdir, override=args.override)
     model = config_lib.build_model(config)
     train_loader, eval_data = config_lib.build_data(config)
   except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return _error(str(e), EXIT_BAD_CONFIG)
+  try:
+    _prepare_workdir(args, diff)
+  except OSError as e:
+    return _error(f'could not prepare --workdir {args.workdir}: {e}',
+                  EXIT_RUN_ERROR)
   from moejax import train as train_lib  # pylint: disable=g-import-not-at-top
   optimizer, schedule = config_lib.build_optimizer(config)
   t, moe = config.train, config.model.moe
-  result = train_lib.train_and_evaluate(
-      model, workdir=args.workdir, train_loader=train_loader,
-      eval_data=eval_data, steps=t.steps, seed=config.seed,
-      optimizer=optimizer, learning_rate_fn=schedule,
-      aux_loss_weight=moe.aux_loss_weight, z_loss_weight=moe.z_loss_weight,
-      pad_id=config.data.pad_id, log_every=t.log_every,
-      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
-      keep_checkpoints=t.keep_checkpoints,
-      config=config_lib.resolved_config(config))
+  try:
+    result = train_lib.train_and_evaluate(
+        model, workdir=args.workdir, train_loader=train_loader,
+        eval_data=eval_data, steps=t.steps, seed=config.seed,
+        optimizer=optimizer, learning_rate_fn=schedule,
+        aux_loss_weight=moe.aux_loss_weight, z_loss_weight=moe.z_loss_weight,
+        pad_id=config.data.pad_id, log_every=t.log_every,
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+        keep_checkpoints=t.keep_checkpoints,
+        config=config_lib.resolved_config(config))
+  except train_lib.NonFiniteError as e:
+    return _error(str(e), EXIT_NONFINITE)
+  except train_lib.CheckpointError as e:
+    return _error(str(e), EXIT_RUN_ERROR)
   final = result.last_eval or {}
   summary = ', '.join(f'{k} {v:.4f}' for k, v in final.items()
                       if k in ('eval/loss', 'eval/excess_loss'))

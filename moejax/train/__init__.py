@@ -3,14 +3,18 @@
 Public API:
   TrainState, abstract_train_state, create_train_state      (state)
   make_optimizer, lr_schedule, decay_mask                    (optim)
-  compute_loss, make_train_step, make_eval_step, step_rng    (step)
-  Checkpointer                                               (checkpoint)
+  compute_loss, make_train_step, make_eval_step, step_rng,   (step)
+  finite_flags, nonfinite_report
+  Checkpointer, CheckpointError, CheckpointCorruptError     (checkpoint)
   MetricsWriter, read_metrics, truncate_metrics, Progress    (metrics)
   plot_run                                                   (plots)
-  train_and_evaluate, evaluate, RunResult                    (loop)
+  train_and_evaluate, evaluate, RunResult, NonFiniteError    (loop)
 """
 
+from moejax.train.checkpoint import CheckpointCorruptError
+from moejax.train.checkpoint import CheckpointError
 from moejax.train.checkpoint import Checkpointer
+from moejax.train.loop import NonFiniteError
 from moejax.train.loop import RunResult
 from moejax.train.loop import evaluate
 from moejax.train.loop import train_and_evaluate
@@ -26,14 +30,18 @@ from moejax.train.state import TrainState
 from moejax.train.state import abstract_train_state
 from moejax.train.state import create_train_state
 from moejax.train.step import compute_loss
+from moejax.train.step import finite_flags
 from moejax.train.step import make_eval_step
 from moejax.train.step import make_train_step
+from moejax.train.step import nonfinite_report
 from moejax.train.step import step_rng
 
 __all__ = [
-    'Checkpointer', 'MetricsWriter', 'Progress', 'RunResult', 'TrainState',
+    'CheckpointCorruptError', 'CheckpointError', 'Checkpointer',
+    'MetricsWriter', 'NonFiniteError', 'Progress', 'RunResult', 'TrainState',
     'abstract_train_state', 'compute_loss', 'create_train_state',
-    'decay_mask', 'evaluate', 'lr_schedule', 'make_eval_step',
-    'make_optimizer', 'make_train_step', 'plot_run', 'read_metrics',
-    'step_rng', 'train_and_evaluate', 'truncate_metrics',
+    'decay_mask', 'evaluate', 'finite_flags', 'lr_schedule',
+    'make_eval_step', 'make_optimizer', 'make_train_step',
+    'nonfinite_report', 'plot_run', 'read_metrics', 'step_rng',
+    'train_and_evaluate', 'truncate_metrics',
 ]

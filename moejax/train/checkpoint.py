@@ -1,18 +1,84 @@
 """Orbax checkpoints of the TrainState under `<workdir>/checkpoints`.
 
 Saves are synchronous (a checkpoint is complete on disk when `save`
-returns) and atomic (orbax writes a temporary directory and renames it), so
-a run killed at any moment leaves only complete checkpoints behind.
+returns) and atomic: orbax writes `<step>.orbax-checkpoint-tmp` and renames
+it to `<step>` when everything is written, so a run killed at any moment
+leaves complete checkpoints plus at most one unfinished tmp directory,
+which `remove_unfinished` deletes on the next start.
+
+Each checkpoint holds two items: `state` (the TrainState) and `integrity`
+(a JSON record of the CRC-32 of every array leaf's bytes). `restore`
+recomputes the CRCs, so a checkpoint whose files were truncated, emptied or
+had bits flipped is reported as corrupt (`CheckpointCorruptError`) rather
+than silently loaded; `restore_latest_good` then falls back to the previous
+checkpoint and moves the bad ones aside to `<workdir>/bad_checkpoints/`.
+(Leaves that are not fully addressable by this process, in multi-host runs,
+have no CRC and are checked by orbax's own metadata only.)
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+import shutil
+import zlib
+from typing import Any, Callable, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from moejax.train.state import TrainState
+
+TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's atomic-rename suffix
+BAD_DIR = 'bad_checkpoints'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or no checkpoint could be read."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A checkpoint restored, but its contents differ from what was saved."""
+
+
+def _leaf_bytes(leaf: Any) -> Optional[bytes]:
+  """Host bytes of an array leaf (None if not fully addressable here)."""
+  if isinstance(leaf, jax.Array):
+    if not leaf.is_fully_addressable:
+      return None
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+  return np.ascontiguousarray(np.asarray(leaf)).tobytes()
+
+
+def tree_crc32(tree: Any) -> list[tuple[str, Optional[int]]]:
+  """CRC-32 of every array leaf, in leaf order.
+
+  Args:
+    tree: a pytree of arrays (e.g. a TrainState).
+
+  Returns:
+    [(jax.tree_util.keystr(path), crc32 of the leaf's bytes, or None for a
+    leaf not fully addressable by this process)], in jax.tree.leaves order.
+  """
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    data = _leaf_bytes(leaf)
+    out.append((jax.tree_util.keystr(path),
+                None if data is None else zlib.crc32(data)))
+  return out
+
+
+def _crc_mismatch(saved: list, restored: list) -> Optional[str]:
+  """Describes the first difference between two tree_crc32 records
+  (compared by leaf position; the paths only name the leaf)."""
+  if len(saved) != len(restored):
+    return (f'{len(saved)} leaves were saved, {len(restored)} were '
+            'restored')
+  for (path, want), (_, got) in zip(saved, restored):
+    if None not in (want, got) and want != got:
+      return f'leaf {path} has CRC-32 {got:#010x}, saved as {want:#010x}'
+  return None
 
 
 class Checkpointer:
@@ -20,11 +86,16 @@ class Checkpointer:
 
   Args (constructor):
     workdir: run directory; checkpoints go to `<workdir>/checkpoints/<step>`.
-    keep: number of checkpoints to keep (older ones are deleted).
+    keep: number of checkpoints to keep (older ones are deleted after a
+      successful save).
+    log: where warnings go (default: print).
   """
 
-  def __init__(self, workdir: str, keep: int = 2):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  def __init__(self, workdir: str, keep: int = 2,
+               log: Callable[[str], None] = lambda m: print(m, flush=True)):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self._log = log
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -37,6 +108,23 @@ class Checkpointer:
     """The newest checkpoint's step, or None if there is none."""
     return self._manager.latest_step()
 
+  def remove_unfinished(self) -> list[str]:
+    """Deletes tmp directories left by a save that was killed; logs each.
+
+    Returns:
+      The names removed.
+    """
+    removed = []
+    for name in sorted(os.listdir(self.directory)):
+      if TMP_SUFFIX in name:
+        self._log(f'checkpoint: removing {name}, an unfinished save (the '
+                  'run stopped while writing it)')
+        shutil.rmtree(os.path.join(self.directory, name))
+        removed.append(name)
+    if removed:
+      self._manager.reload()
+    return removed
+
   def save(self, state: TrainState) -> bool:
     """Saves `state` under its own step (no-op if that step exists).
 
@@ -45,17 +133,39 @@ class Checkpointer:
 
     Returns:
       True if a checkpoint was written.
+
+    Raises:
+      CheckpointError: the write failed (disk full, read-only, ...); the
+        older checkpoints are untouched and the partial write is removed.
     """
     step = int(state.step)
     if step in self._manager.all_steps():
       return False
-    self._manager.save(step, args=ocp.args.StandardSave(state))
-    self._manager.wait_until_finished()
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        integrity=ocp.args.JsonSave({'crc32': tree_crc32(state)}))
+    try:
+      saved = self._manager.save(step, args=args, force=True)
+      self._manager.wait_until_finished()
+      if not saved:
+        raise RuntimeError('orbax skipped the save')
+    except Exception as e:  # pylint: disable=broad-except
+      shutil.rmtree(os.path.join(self.directory, f'{step}{TMP_SUFFIX}'),
+                    ignore_errors=True)
+      self._manager.reload()
+      previous = self.latest_step()
+      kept = ('the previous checkpoint (step {}) is untouched'.format(previous)
+              if previous is not None else 'there is no earlier checkpoint')
+      raise CheckpointError(
+          f'could not save the checkpoint of step {step} in '
+          f'{self.directory} ({type(e).__name__}: {_first_line(e)}); {kept}.'
+          ' Free disk space or fix the permissions, then re-run the same '
+          'command to resume.') from e
     return True
 
   def restore(self, abstract_state: TrainState,
               step: Optional[int] = None) -> TrainState:
-    """Restores a checkpoint into the structure of `abstract_state`.
+    """Restores and verifies a checkpoint into `abstract_state`'s structure.
 
     Args:
       abstract_state: TrainState of ShapeDtypeStructs (see
@@ -64,14 +174,85 @@ class Checkpointer:
 
     Returns:
       The restored TrainState.
+
+    Raises:
+      FileNotFoundError: no checkpoint.
+      CheckpointCorruptError: the restored bytes do not match the CRCs.
+      Exception: whatever orbax raises for unreadable files.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    return self._manager.restore(
-        step, args=ocp.args.StandardRestore(abstract_state))
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        integrity=ocp.args.JsonRestore()))
+    problem = _crc_mismatch(restored.integrity['crc32'],
+                            tree_crc32(restored.state))
+    if problem:
+      raise CheckpointCorruptError(f'checkpoint {step} is corrupt: {problem}')
+    return restored.state
+
+  def restore_latest_good(self, abstract_state: TrainState
+                          ) -> Optional[TrainState]:
+    """Restores the newest checkpoint that reads back intact.
+
+    Newer checkpoints that fail are logged and, once an older one restored,
+    moved to `<workdir>/bad_checkpoints/<step>` (so later saves of those
+    steps are not skipped). If every checkpoint fails, nothing is moved and
+    CheckpointError is raised: a run never restarts from scratch silently.
+
+    Args:
+      abstract_state: the restore target (see `restore`).
+
+    Returns:
+      The restored TrainState, or None if there is no checkpoint at all.
+    """
+    self.remove_unfinished()
+    failures = []
+    for step in reversed(self.all_steps()):
+      try:
+        state = self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f'{type(e).__name__}: {_first_line(e)}'
+        self._log(f'warning: checkpoint {step} in {self.directory} is '
+                  f'unreadable or corrupt ({reason})')
+        failures.append((step, reason))
+        continue
+      for bad, _ in failures:
+        self._move_aside(bad)
+      if failures:
+        self._log(f'checkpoint: using step {step}, the newest intact one')
+      return state
+    if failures:
+      lines = '\n'.join(f'  step {s}: {r}' for s, r in failures)
+      raise CheckpointError(
+          f'none of the checkpoints in {self.directory} could be restored '
+          f'into this run\'s train state:\n{lines}\nRefusing to start over '
+          'from step 0. If the model changed, start a fresh run (--fresh); '
+          'otherwise restore the files from a backup.')
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    """Moves checkpoint `step` to <workdir>/bad_checkpoints/<step>[.n]."""
+    target_dir = os.path.join(self.workdir, BAD_DIR)
+    os.makedirs(target_dir, exist_ok=True)
+    target, n = os.path.join(target_dir, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(target_dir, f'{step}.{n}'), n + 1
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    self._log(f'checkpoint: moved the bad checkpoint {step} to {target}')
 
   def close(self) -> None:
-    """Waits for pending writes and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending writes and releases the manager (a failure here is
+    logged, not raised, so it cannot hide the error that ended a run)."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      self._log(f'warning: closing the checkpoint manager failed '
+                f'({type(e).__name__}: {_first_line(e)})')
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [''])[0][:300]

@@ -8,6 +8,19 @@ step), the eval record (if an eval step), then the checkpoint (if a
 checkpoint step). A run restored from the checkpoint at step s therefore
 finds every record of steps <= s on disk; records of later steps (written
 before a kill) are dropped, and the resumed run rewrites them identically.
+
+Reliability:
+  * Resume: the newest checkpoint that reads back intact is used (see
+    `Checkpointer.restore_latest_good`); a corrupt newer one is reported and
+    moved aside; if checkpoints exist but none is readable the run stops
+    with CheckpointError instead of starting over.
+  * NaN/Inf guard: before any record, eval or checkpoint at step s, the
+    finiteness flags of every step since the previous check are read; the
+    first non-finite step stops the run with NonFiniteError (naming the
+    step, the first non-finite MoE layer and gradients). Nothing computed
+    after it is written, so the last checkpoint stays the last good state.
+  * A failed checkpoint write stops the run with CheckpointError; older
+    checkpoints are untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import jax
 import numpy as np
 import optax
 
+from moejax.models import TransformerLM
 from moejax.models import flops
 from moejax.train import metrics as metrics_lib
 from moejax.train import plots
@@ -56,9 +70,22 @@ class RunResult:
   last_eval: Optional[dict]
 
 
+class NonFiniteError(RuntimeError):
+  """A training step produced a non-finite loss, gradient or state.
+
+  Attributes:
+    step: the step the bad update led to.
+  """
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
 def evaluate(eval_step, params: Any,
              batches: Sequence[Mapping[str, np.ndarray]],
-             step: int) -> dict[str, Any]:
+             step: int, model_state: Optional[dict] = None
+             ) -> dict[str, Any]:
   """Evaluates `params` on fixed batches.
 
   Args:
@@ -66,6 +93,7 @@ def evaluate(eval_step, params: Any,
     params: model params.
     batches: eval batches {'tokens': [B, L + 1], 'optimal_nll': [B], ...}.
     step: the step to record.
+    model_state: the TrainState's model_state (read only), if any.
 
   Returns:
     {'step', 'eval/loss' (token-mean cross-entropy), 'eval/aux_loss',
@@ -74,7 +102,7 @@ def evaluate(eval_step, params: Any,
     example has a finite optimal_nll (synthetic data)}.
   """
   outs = [metrics_lib.to_python(
-      {k: v for k, v in eval_step(params, b['tokens']).items()
+      {k: v for k, v in eval_step(params, b['tokens'], model_state).items()
        if not k.startswith('moe/')}) for b in batches]
   record = {'step': int(step),
             'eval/loss': sum(o['nll_sum'] for o in outs) /
@@ -135,17 +163,59 @@ def _is_every(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
 
+class _FiniteGuard:
+  """Collects each step's finiteness flags; `check` raises on the first bad.
+
+  Reading the flags needs the step's result, so they are read in one go at
+  the steps that write something (records, evals, checkpoints), not after
+  every step: the device keeps running ahead in between.
+  """
+
+  def __init__(self, checkpointer: Checkpointer):
+    self._pending = []
+    self._checkpointer = checkpointer
+
+  def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if 'all_finite' in metrics:
+      self._pending.append((step, metrics))
+
+  def check(self) -> None:
+    """Raises NonFiniteError for the first non-finite pending step."""
+    pending, self._pending = self._pending, []
+    oks = jax.device_get([m['all_finite'] for _, m in pending])
+    for (step, metrics), ok in zip(pending, oks):
+      if bool(ok):
+        continue
+      host = jax.device_get({k: v for k, v in metrics.items()
+                             if k.startswith('finite/') or k == 'loss'})
+      message = step_lib.nonfinite_report(step, host, float(host['loss']))
+      last = self._checkpointer.latest_step()
+      kept = (f'The last checkpoint (step {last}) is intact: fix the cause '
+              '(e.g. a lower train.learning_rate, bad data) and re-run the '
+              'same command to resume from it.' if last is not None else
+              'There is no checkpoint yet.')
+      raise NonFiniteError(
+          f'{message}\nTraining stopped; nothing after step {step - 1} was '
+          f'recorded or saved. {kept}', step)
+
+
 def _start_state(model, optimizer, input_shape, seed, checkpointer,
                  metrics_path):
-  """Restores the latest checkpoint (truncating metrics) or initialises."""
-  abstract = state_lib.abstract_train_state(model, optimizer, input_shape)
+  """Restores the newest intact checkpoint (truncating metrics) or
+  initialises when there is no checkpoint at all."""
+  init = state_lib.train_state_initializer(model, optimizer, input_shape)
+  abstract = init.eval_shape(state_lib.init_rng(seed))
   print(f'train state: {state_lib.tree_bytes(abstract) / 2**20:.2f} MiB '
-        f'(params + optimizer)', flush=True)
-  latest = checkpointer.latest_step()
-  if latest is None:
+        f'(params + optimizer + model state)', flush=True)
+  state = checkpointer.restore_latest_good(abstract)
+  if state is None:
+    stale = len(metrics_lib.read_metrics(metrics_path))
     metrics_lib.truncate_metrics(metrics_path, 0)
-    return state_lib.create_train_state(model, optimizer, input_shape, seed)
-  state = checkpointer.restore(abstract, latest)
+    print(f'no checkpoint in {checkpointer.directory}: starting at step 0'
+          + (f' (dropped {stale} stale metric records)' if stale else ''),
+          flush=True)
+    return state_lib.create_train_state(model, optimizer, input_shape, seed,
+                                        initializer=init)
   kept = metrics_lib.truncate_metrics(metrics_path, int(state.step))
   print(f'resumed from step {int(state.step)} ({kept} metric records kept)',
         flush=True)
@@ -153,11 +223,13 @@ def _start_state(model, optimizer, input_shape, seed, checkpointer,
 
 
 def _write_config(workdir: str, config: Optional[Mapping[str, Any]]) -> None:
+  """Writes config.json atomically (a kill leaves the old or the new one)."""
   if config is not None:
-    with open(os.path.join(workdir, 'config.json'), 'w',
-              encoding='utf-8') as f:
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
       json.dump(dict(config), f, indent=2, sort_keys=True)
       f.write('\n')
+    os.replace(path + '.tmp', path)
 
 
 def train_and_evaluate(
@@ -200,16 +272,25 @@ def train_and_evaluate(
 
   Returns:
     RunResult.
+
+  Raises:
+    NonFiniteError: a step's loss, gradients, params or model state were
+      not finite (nothing after the previous step is written).
+    CheckpointError: a checkpoint save failed, or checkpoints exist but
+      none can be restored.
   """
   os.makedirs(workdir, exist_ok=True)
-  _write_config(workdir, config)
-  print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
+  if isinstance(model, TransformerLM):
+    print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
   checkpointer = Checkpointer(workdir, keep_checkpoints)
   input_shape = (train_loader.batch_size, train_loader.seq_len)
   metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
   with _StopFlag() as stop:  # from here on SIGTERM means "save and return"
     state = _start_state(model, optimizer, input_shape, seed, checkpointer,
                          metrics_path)
+    # Only now: a run refused at restore keeps the config its checkpoints
+    # were made with.
+    _write_config(workdir, config)
     loop = _Loop(
         train_step=step_lib.make_train_step(
             model, optimizer, seed=seed, aux_loss_weight=aux_loss_weight,
@@ -219,6 +300,7 @@ def train_and_evaluate(
             model, aux_loss_weight=aux_loss_weight,
             z_loss_weight=z_loss_weight, pad_id=pad_id),
         eval_data=eval_data, checkpointer=checkpointer,
+        guard=_FiniteGuard(checkpointer),
         writer=metrics_lib.MetricsWriter(workdir), steps=steps,
         every=(log_every, eval_every, checkpoint_every),
         tokens_per_step=input_shape[0] * input_shape[1])
@@ -242,6 +324,7 @@ class _Loop:
   eval_step: Any
   eval_data: Sequence[Mapping[str, np.ndarray]]
   checkpointer: Checkpointer
+  guard: _FiniteGuard
   writer: metrics_lib.MetricsWriter
   steps: int
   every: tuple[int, int, int]  # log, eval, checkpoint
@@ -268,21 +351,31 @@ class _Loop:
     for t in range(start, self.steps):
       state, metrics = self.train_step(state, next(batches)['tokens'])
       s = t + 1
+      # Read the flag once: SIGTERM may set it at any moment, and a stop
+      # must always come with its checkpoint.
+      stopping = stop.stop
+      self.guard.add(s, metrics)
       progress.advance(s)
-      if _is_every(s, log_every, self.steps):
+      do_log = _is_every(s, log_every, self.steps)
+      do_eval = _is_every(s, eval_every, self.steps)
+      do_save = _is_every(s, ckpt_every, self.steps) or stopping
+      if do_log or do_eval or do_save:
+        self.guard.check()  # NonFiniteError before anything is written
+      if do_log:
         jax.block_until_ready(metrics)
         now = time.time()
         rate = (s - tick_step) * self.tokens_per_step / max(now - tick, 1e-9)
         tick, tick_step = now, s
         self._write(train_record(s, metrics, rate), progress)
-      if _is_every(s, eval_every, self.steps):
+      if do_eval:
         eval_start = time.time()
-        last_eval = evaluate(self.eval_step, state.params, self.eval_data, s)
+        last_eval = evaluate(self.eval_step, state.params, self.eval_data, s,
+                             state.model_state)
         self._write(last_eval, progress)
         tick += time.time() - eval_start  # keep eval out of tokens_per_sec
-      if _is_every(s, ckpt_every, self.steps) or stop.stop:
+      if do_save:
         self.checkpointer.save(state)
-      if stop.stop and s < self.steps:
+      if stopping and s < self.steps:
         return RunResult(state, s, True, last_eval)
     return RunResult(state, int(state.step), False, last_eval)
 

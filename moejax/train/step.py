@@ -11,15 +11,25 @@ where lm_loss is the mean next-token cross-entropy over the non-padding
 target positions. The train step's RNG is `fold_in(key(seed), step)`, so a
 step is a pure function of (state, batch, seed): resumed runs are bitwise
 identical to uninterrupted ones.
+
+The train step applies the model with its non-'params' collections
+(`TrainState.model_state`, e.g. 'moe_state') mutable and stores their new
+values; eval reads them. It also returns `finite_flags`: whether the loss,
+every MoE layer's aux entries (router z_loss, a function of the router
+logits, aux_loss, entropy, loads...), every gradient leaf, the new params
+and the new model state are finite; `nonfinite_report` turns them into the
+message the loop stops with.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from moejax.train.state import TrainState
@@ -27,17 +37,18 @@ from moejax.train.state import TrainState
 Metrics = dict[str, jax.Array]
 
 
-def step_rng(seed: int, step: jax.Array) -> jax.Array:
+def step_rng(seed, step: jax.Array) -> jax.Array:
   """The 'router' RNG key of training step `step`: fold_in(key(seed), step).
 
   Args:
-    seed: run seed.
+    seed: run seed in [0, 2**32), a Python int or a uint32 scalar (traced or
+      concrete); both give the same key.
     step: int scalar (traced or concrete).
 
   Returns:
     A typed PRNG key.
   """
-  return jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.fold_in(jax.random.key(jnp.uint32(seed)), step)
 
 
 def split_tokens(tokens: jax.Array, pad_id: Optional[int] = None):
@@ -91,10 +102,47 @@ def layer_metrics(aux: dict, prefix: str = 'moe') -> Metrics:
           for name, value in layer.items()}
 
 
+def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
+                deterministic: bool, rng: Optional[jax.Array],
+                aux_loss_weight: float, z_loss_weight: float,
+                pad_id: Optional[int], model_state: Optional[dict],
+                update_state: bool):
+  """compute_loss, plus the model state after the forward pass.
+
+  Returns:
+    (loss, (metrics, new model_state)); new model_state is `model_state`
+    itself unless `update_state` and it is non-empty.
+  """
+  inputs, targets, weights, padding_mask = split_tokens(tokens, pad_id)
+  rngs = {'router': rng} if rng is not None else {}
+  model_state = dict(model_state or {})
+  variables = {'params': params, **model_state}
+  mutable = sorted(model_state) if update_state and model_state else False
+  out = model.apply(variables, inputs, padding_mask=padding_mask,
+                    deterministic=deterministic, rngs=rngs, mutable=mutable)
+  if mutable:
+    (logits, aux), new_state = out
+    new_state = {**model_state, **flax.core.unfreeze(new_state)}
+  else:
+    (logits, aux), new_state = out, model_state
+  nll_sum, count = cross_entropy(logits, targets, weights)
+  lm_loss = nll_sum / jnp.maximum(count, 1.0)
+  loss = (lm_loss + aux_loss_weight * aux['aux_loss'] +
+          z_loss_weight * aux['z_loss'])
+  metrics = {'loss': loss, 'lm_loss': lm_loss, 'nll_sum': nll_sum,
+             'tokens': count}
+  for key in ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation'):
+    metrics[key] = aux[key]
+  metrics.update(layer_metrics(aux))
+  return loss, (metrics, new_state)
+
+
 def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
                  deterministic: bool, rng: Optional[jax.Array] = None,
                  aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
-                 pad_id: Optional[int] = None) -> tuple[jax.Array, Metrics]:
+                 pad_id: Optional[int] = None,
+                 model_state: Optional[dict] = None
+                 ) -> tuple[jax.Array, Metrics]:
   """Total training loss of one batch and its parts.
 
   Args:
@@ -106,27 +154,55 @@ def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
     aux_loss_weight: weight of aux['aux_loss'].
     z_loss_weight: weight of aux['z_loss'].
     pad_id: padding token id or None.
+    model_state: the model's non-'params' collections (read only here).
 
   Returns:
     loss (float32 scalar) and metrics: 'loss', 'lm_loss', 'aux_loss',
     'z_loss', 'drop_fraction', 'max_violation', 'nll_sum', 'tokens', plus
     the per-layer 'moe/...' entries.
   """
-  inputs, targets, weights, padding_mask = split_tokens(tokens, pad_id)
-  rngs = {'router': rng} if rng is not None else {}
-  logits, aux = model.apply({'params': params}, inputs,
-                            padding_mask=padding_mask,
-                            deterministic=deterministic, rngs=rngs)
-  nll_sum, count = cross_entropy(logits, targets, weights)
-  lm_loss = nll_sum / jnp.maximum(count, 1.0)
-  loss = (lm_loss + aux_loss_weight * aux['aux_loss'] +
-          z_loss_weight * aux['z_loss'])
-  metrics = {'loss': loss, 'lm_loss': lm_loss, 'nll_sum': nll_sum,
-             'tokens': count}
-  for key in ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation'):
-    metrics[key] = aux[key]
-  metrics.update(layer_metrics(aux))
+  loss, (metrics, _) = _apply_loss(
+      params, model, tokens, deterministic=deterministic, rng=rng,
+      aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
+      pad_id=pad_id, model_state=model_state, update_state=False)
   return loss, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """True iff every inexact leaf of `tree` is finite (bool scalar)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def finite_flags(metrics: Metrics, grads: Any, params: Any,
+                 model_state: Any) -> Metrics:
+  """Which parts of one training step were finite (bool scalars).
+
+  Args:
+    metrics: the compute_loss metrics of the step (with 'moe/<block>/...').
+    grads: the gradient tree (before clipping).
+    params: the params after the update.
+    model_state: the model state after the step.
+
+  Returns:
+    {'all_finite': everything below is finite, 'finite/loss',
+    'finite/moe/<block>/<aux name>' for every MoE-layer aux entry,
+    'finite/grad/<param path>' per gradient leaf, 'finite/params',
+    'finite/model_state'}.
+  """
+  flags = {'finite/loss': jnp.isfinite(metrics['loss'])}
+  for key, value in metrics.items():
+    if key.startswith('moe/'):
+      flags[f'finite/{key}'] = jnp.all(jnp.isfinite(value))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k)))
+                    for k in path)
+    flags[f'finite/grad/{name}'] = jnp.all(jnp.isfinite(leaf))
+  flags['finite/params'] = _all_finite(params)
+  flags['finite/model_state'] = _all_finite(model_state)
+  flags['all_finite'] = jnp.all(jnp.stack(list(flags.values())))
+  return flags
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -136,6 +212,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     ) -> Callable[[TrainState, jax.Array],
                                   tuple[TrainState, Metrics]]:
   """Builds the jitted train step (the state argument is donated).
+
+  The model runs with deterministic=False, its non-'params' collections
+  (`state.model_state`) mutable; their new values go into the new state.
 
   Args:
     model: the flax module.
@@ -148,17 +227,22 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
   Returns:
     step(state, tokens [B, L + 1]) -> (new state, metrics) where metrics
-    holds the compute_loss metrics (per-layer ones too) plus 'grad_norm'
-    (before clipping), 'param_norm' (after the update) and 'learning_rate'.
+    holds the compute_loss metrics (per-layer ones too), 'grad_norm'
+    (before clipping), 'param_norm' (after the update), 'learning_rate',
+    and the `finite_flags` ('all_finite', 'finite/...'). The update is
+    applied even when it is not finite: the caller must check
+    'all_finite' before using the new state (see loop.py).
   """
 
-  def train_step(state: TrainState, tokens: jax.Array):
+  def train_step(state: TrainState, tokens: jax.Array, seed_: jax.Array):
     """One AdamW update on tokens [B, L + 1]; returns (state, metrics)."""
-    loss_fn = lambda p: compute_loss(
+    loss_fn = lambda p: _apply_loss(
         p, model, tokens, deterministic=False,
-        rng=step_rng(seed, state.step), aux_loss_weight=aux_loss_weight,
-        z_loss_weight=z_loss_weight, pad_id=pad_id)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+        rng=step_rng(seed_, state.step), aux_loss_weight=aux_loss_weight,
+        z_loss_weight=z_loss_weight, pad_id=pad_id,
+        model_state=state.model_state, update_state=True)
+    grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)
@@ -167,16 +251,26 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     if learning_rate_fn is not None:
       metrics['learning_rate'] = jnp.asarray(learning_rate_fn(state.step),
                                              jnp.float32)
+    metrics.update(finite_flags(metrics, grads, params, model_state))
     new_state = TrainState(step=state.step + 1, params=params,
-                           opt_state=opt_state)
+                           opt_state=opt_state, model_state=model_state)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  # The seed is an argument, not a compile-time constant: runs that differ
+  # only in their seed (seed sweeps) share one compiled program.
+  jitted = jax.jit(train_step, donate_argnums=0)
+  seed_array = np.uint32(seed)
+
+  def step(state: TrainState, tokens: jax.Array):
+    """step(state, tokens [B, L + 1]) -> (new state, metrics)."""
+    return jitted(state, tokens, seed_array)
+
+  return step
 
 
 def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
                    z_loss_weight: float = 0.0, pad_id: Optional[int] = None
-                   ) -> Callable[[Any, jax.Array], Metrics]:
+                   ) -> Callable[..., Metrics]:
   """Builds the jitted eval step (deterministic=True: eval capacity factor).
 
   Args:
@@ -186,13 +280,75 @@ def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
     pad_id: padding token id or None.
 
   Returns:
-    step(params, tokens [B, L + 1]) -> the compute_loss metrics of the batch.
+    step(params, tokens [B, L + 1], model_state=None) -> the compute_loss
+    metrics of the batch; model_state (the TrainState's) is read only.
   """
 
-  def eval_step(params: Any, tokens: jax.Array) -> Metrics:
+  def eval_step(params: Any, tokens: jax.Array,
+                model_state: Optional[dict] = None) -> Metrics:
     """Deterministic metrics of tokens [B, L + 1]."""
     return compute_loss(params, model, tokens, deterministic=True,
                         aux_loss_weight=aux_loss_weight,
-                        z_loss_weight=z_loss_weight, pad_id=pad_id)[1]
+                        z_loss_weight=z_loss_weight, pad_id=pad_id,
+                        model_state=model_state)[1]
 
   return jax.jit(eval_step)
+
+
+def _natural_key(name: str):
+  """'block_10' sorts after 'block_2' (forward order of the blocks)."""
+  head, _, tail = name.rpartition('_')
+  return (head, int(tail)) if tail.isdigit() else (name, -1)
+
+
+def nonfinite_report(step: int, flags: Metrics,
+                     loss: Optional[float] = None) -> str:
+  """Explains a step whose `finite_flags` were not all true.
+
+  Args:
+    step: the step the update led to (it used train batch step - 1).
+    flags: host values (bools) of the step's `finite_flags`.
+    loss: the step's loss value, if known.
+
+  Returns:
+    A message naming the step, the first MoE layer (forward order) whose
+    router logits (seen through z_loss, a function of the logits) or aux
+    losses / metrics were non-finite, and the non-finite gradients.
+  """
+  bad = {k[len('finite/'):] for k, v in flags.items()
+         if k.startswith('finite/') and not bool(v)}
+  loss_text = '' if loss is None else f' (loss={loss})'
+  lines = [f'non-finite values in the update to step {step} (train batch '
+           f'{step - 1}){loss_text}.']
+  layers = {}
+  for key in sorted(k for k in flags if k.startswith('finite/moe/')):
+    _, _, block, name = key.split('/', 3)
+    if key[len('finite/'):] in bad:
+      layers.setdefault(block, []).append(name)
+  if layers:
+    first = min(layers, key=_natural_key)
+    names = ', '.join(n + (' (router logits)' if n == 'z_loss' else '')
+                      for n in layers[first])
+    others = sorted((b for b in layers if b != first), key=_natural_key)
+    lines.append(f'First non-finite MoE layer (forward order): {first}: '
+                 f'{names}' + (f'; later ones too: {", ".join(others)}'
+                               if others else '') + '.')
+  elif any(k.startswith('finite/moe/') for k in flags):
+    lines.append('Every MoE layer\'s router logits and aux losses were '
+                 'finite.')
+  grads = [k[len('grad/'):] for k in bad if k.startswith('grad/')]
+  if grads:
+    total = sum(k.startswith('finite/grad/') for k in flags)
+    shown = ', '.join(sorted(grads, key=_path_key)[:6])
+    more = f' and {len(grads) - 6} more' if len(grads) > 6 else ''
+    lines.append(f'Non-finite gradients in {len(grads)} of {total} param '
+                 f'arrays: {shown}{more}.')
+  for part, text in (('loss', 'the loss'), ('params', 'the updated params'),
+                     ('model_state', 'the model state')):
+    if part in bad:
+      lines.append(f'Non-finite: {text}.')
+  return '\n'.join(lines)
+
+
+def _path_key(path: str):
+  return tuple(_natural_key(p) for p in path.split('/'))

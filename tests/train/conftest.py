@@ -7,6 +7,9 @@ subprocesses, through the JAX_* environment variables of
 of compiling them again. Caching does not change any computed value.
 """
 
+import dataclasses
+import shutil
+
 import jax
 import pytest
 
@@ -39,3 +42,30 @@ def compilation_cache(tmp_path_factory):
   for name, value in old.items():
     jax.config.update(name, value)
   helpers.CACHE_DIR[0] = None
+
+
+@dataclasses.dataclass
+class Reference:
+  """An uninterrupted gshard run of helpers.STEPS steps (seed 0)."""
+  workdir: str
+  state: object  # the final TrainState
+  records: list  # its metrics.jsonl
+
+  def result(self):
+    return self.state, self.records
+
+  def copy_to(self, path) -> str:
+    """A copy of the finished work dir (to resume or damage)."""
+    shutil.copytree(self.workdir, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory, data_dir):
+  """Runs helpers.reference_argv once per session (in process)."""
+  # pylint: disable=g-import-not-at-top
+  from experiments import train
+  workdir = str(tmp_path_factory.mktemp('reference') / 'run')
+  argv = helpers.reference_argv(workdir, data_dir)
+  assert train.main(argv) == 0
+  return Reference(workdir, *helpers.final_state(argv))

@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 DATA = dict(num_train=256, num_eval=32, example_len=17, vocab_size=64)
@@ -50,18 +53,32 @@ def small_args(config: str, workdir: str, data_dir: str,
           [f'--config.{k}={v}' for k, v in values.items()])
 
 
-def start_cli(argv: list[str], log_path: str) -> subprocess.Popen:
-  """Starts `python -m experiments.train argv` (stdout+stderr to a file)."""
-  log = open(log_path, 'w')  # pylint: disable=consider-using-with
+def cache_env() -> dict[str, str]:
+  """Environment of a subprocess sharing the session's compilation cache."""
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep +
              os.environ.get('PYTHONPATH', ''))
-  if CACHE_DIR[0]:  # share the test session's compilation cache
+  if CACHE_DIR[0]:
     env.update(JAX_COMPILATION_CACHE_DIR=CACHE_DIR[0],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return subprocess.Popen([sys.executable, '-m', 'experiments.train'] + argv,
-                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                          env=env)
+  return env
+
+
+def reference_argv(workdir, data_dir, *extra: str) -> list[str]:
+  """The resume / reliability tests' run: gshard, whose 'random' second-
+  expert policy makes every step use the RNG."""
+  return small_args('gshard', str(workdir), data_dir) + list(extra)
+
+
+def start_cli(argv: list[str], log_path: str,
+              module: str = 'experiments.train',
+              module_args: tuple[str, ...] = ()) -> subprocess.Popen:
+  """Starts `python -m <module> <module_args> argv` (stdout+stderr to a
+  file); the default module is the trainer's CLI."""
+  with open(log_path, 'w') as log:  # the child keeps its own descriptor
+    return subprocess.Popen(
+        [sys.executable, '-m', module, *module_args] + argv, cwd=REPO,
+        stdout=log, stderr=subprocess.STDOUT, env=cache_env())
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
@@ -85,3 +102,58 @@ def stop(proc: subprocess.Popen) -> None:
   if proc.poll() is None:
     proc.kill()
   proc.wait(timeout=30)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """Steps of the finished checkpoints in `<workdir>/checkpoints`."""
+  path = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+
+
+def final_state(argv: list[str]):
+  """(latest checkpointed TrainState, metrics.jsonl records) of the run
+  that `argv` (an experiments.train command line) describes."""
+  # pylint: disable=g-import-not-at-top
+  from experiments import config_lib
+  from experiments import train
+  from moejax.train import Checkpointer
+  from moejax.train import abstract_train_state
+  from moejax.train import read_metrics
+  args, overrides = train.parse_args(argv)
+  config = train.load_and_validate(args.config, overrides)
+  model = config_lib.build_model(config)
+  optimizer, _ = config_lib.build_optimizer(config)
+  abstract = abstract_train_state(
+      model, optimizer, (config.train.batch_size, config.data.seq_len))
+  checkpointer = Checkpointer(args.workdir, log=lambda m: None)
+  try:
+    state = checkpointer.restore(abstract)
+  finally:
+    checkpointer.close()
+  return state, read_metrics(os.path.join(args.workdir, 'metrics.jsonl'))
+
+
+def assert_bitwise_equal(tree, ref_tree) -> None:
+  """Same leaves, dtypes and bytes."""
+  leaves, ref_leaves = jax.tree.leaves(tree), jax.tree.leaves(ref_tree)
+  assert len(leaves) == len(ref_leaves)
+  for a, b in zip(leaves, ref_leaves):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def assert_same_run(got, want, steps: int = STEPS) -> None:
+  """Two final_state results are bitwise equal: state and metrics (up to
+  the wall-clock keys), with the same record steps in the same order."""
+  # pylint: disable=g-import-not-at-top
+  from moejax.train.metrics import strip_wall_clock
+  state, records = got
+  ref_state, ref_records = want
+  assert int(state.step) == int(ref_state.step) == steps
+  assert_bitwise_equal((state.params, state.opt_state, state.model_state),
+                       (ref_state.params, ref_state.opt_state,
+                        ref_state.model_state))
+  assert [r['step'] for r in records] == [r['step'] for r in ref_records]
+  assert strip_wall_clock(records) == strip_wall_clock(ref_records)

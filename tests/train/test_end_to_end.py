@@ -9,6 +9,7 @@ import pytest
 
 from experiments import train
 from moejax.train import read_metrics
+from tests.train import helpers
 from tests.train.helpers import STEPS
 from tests.train.helpers import small_args
 
@@ -26,7 +27,7 @@ LAYER_KEYS = ('aux_loss', 'z_loss', 'max_violation', 'drop_fraction',
 @pytest.mark.parametrize('config,num_experts', [('dense', 0), ('switch', 4),
                                                 ('gshard', 4)])
 def test_tiny_run_writes_everything(config, num_experts, data_dir, tmp_path,
-                                    capsys):
+                                    capsys, request):
   workdir = str(tmp_path / config)
   assert train.main(small_args(config, workdir, data_dir)) == 0
   out = capsys.readouterr().out
@@ -69,3 +70,10 @@ def test_tiny_run_writes_everything(config, num_experts, data_dir, tmp_path,
   has_load_plot = os.path.exists(os.path.join(workdir, 'plots',
                                               'expert_load.png'))
   assert has_load_plot == (num_experts > 0)
+  if config == 'gshard':
+    # Determinism: the same config and seed as conftest's reference run (in
+    # another work dir) give bitwise the same params and metrics.
+    reference = request.getfixturevalue('reference')
+    helpers.assert_same_run(
+        helpers.final_state(small_args(config, workdir, data_dir)),
+        reference.result())

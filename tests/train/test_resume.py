@@ -1,75 +1,31 @@
 """Resume exactness: interrupted + resumed runs end bitwise equal to an
-uninterrupted run (params, optimizer state and metrics.jsonl).
+uninterrupted run (params, optimizer state, model state and metrics.jsonl,
+with no duplicated or missing record steps).
 
-Interruptions: an in-process SIGTERM, a SIGKILL'd subprocess (which leaves
-metric records past its last checkpoint) and a SIGTERM'd subprocess (which
-must exit 0 after saving a checkpoint at the step it reached).
+Interruptions: an in-process SIGTERM, then a config change refused and
+accepted with --override; and a series of subprocess kill trials in one
+work dir: SIGKILL at a random step before the first checkpoint, SIGTERM
+(exit 0 after saving), SIGKILL in the middle of a checkpoint write, SIGKILL
+at a random later step; then the same command finishes the run. The trial
+subprocesses run through tests/train/trial_cli.py, which only changes
+timing: a delay per step (so "kill at step k" has a margin before the next
+checkpoint) and, for the kill during a write, a pause inside orbax's save
+just before the commit.
+Set MOEJAX_KILL_SEED to replay the random kill steps of a failed run.
 """
 
+import json
 import os
+import random
 import signal
-
-import jax
-import numpy as np
-import pytest
+import time
 
 from experiments import config_lib
 from experiments import train
-from moejax.train import Checkpointer
-from moejax.train import abstract_train_state
 from moejax.train import read_metrics
-from moejax.train.metrics import strip_wall_clock
 from tests.train import helpers
 
 STEPS = helpers.STEPS
-
-
-def _argv(workdir, data_dir):
-  # gshard: its 'random' second-expert policy makes every step use the RNG.
-  return helpers.small_args('gshard', str(workdir), data_dir)
-
-
-def _final(workdir, data_dir):
-  """(latest checkpointed TrainState, metrics.jsonl records) of a run."""
-  args, overrides = train.parse_args(_argv(workdir, data_dir))
-  config = train.load_and_validate(args.config, overrides)
-  model = config_lib.build_model(config)
-  optimizer, _ = config_lib.build_optimizer(config)
-  abstract = abstract_train_state(
-      model, optimizer, (config.train.batch_size, config.data.seq_len))
-  checkpointer = Checkpointer(str(workdir))
-  state = checkpointer.restore(abstract)
-  checkpointer.close()
-  return state, read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-
-
-def _assert_same_run(got, want):
-  state, records = got
-  ref_state, ref_records = want
-  assert int(state.step) == int(ref_state.step) == STEPS
-  leaves = jax.tree.leaves((state.params, state.opt_state))
-  ref_leaves = jax.tree.leaves((ref_state.params, ref_state.opt_state))
-  assert len(leaves) == len(ref_leaves)
-  for a, b in zip(leaves, ref_leaves):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.tobytes() == b.tobytes()  # bitwise
-  assert [r['step'] for r in records] == [r['step'] for r in ref_records]
-  assert strip_wall_clock(records) == strip_wall_clock(ref_records)
-
-
-def _checkpoint_steps(workdir):
-  path = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(path):
-    return []
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory, data_dir):
-  """An uninterrupted run of STEPS steps."""
-  workdir = tmp_path_factory.mktemp('reference')
-  assert train.main(_argv(workdir, data_dir)) == 0
-  return _final(workdir, data_dir)
 
 
 class _SigtermAt:
@@ -85,9 +41,15 @@ class _SigtermAt:
     return self._loader.batch(step)
 
 
-def test_sigterm_in_process_then_resume_is_exact(reference, data_dir,
-                                                 tmp_path, monkeypatch,
-                                                 capsys):
+def _metric_steps(workdir):
+  return [r['step'] for r in read_metrics(os.path.join(workdir,
+                                                       'metrics.jsonl'))]
+
+
+def test_sigterm_in_process_then_resume_and_override_is_exact(
+    reference, data_dir, tmp_path, monkeypatch, capsys):
+  workdir = str(tmp_path / 'run')
+  argv = helpers.reference_argv(workdir, data_dir)
   build_data = config_lib.build_data
 
   def interrupted(config):
@@ -95,30 +57,55 @@ def test_sigterm_in_process_then_resume_is_exact(reference, data_dir,
     return _SigtermAt(loader, 14), evals
 
   monkeypatch.setattr(config_lib, 'build_data', interrupted)
-  assert train.main(_argv(tmp_path, data_dir)) == 0
+  assert train.main(argv) == 0
   assert 'stopped by SIGTERM: step 15/' in capsys.readouterr().out
-  assert _checkpoint_steps(tmp_path)[-1] == 15  # not a multiple of 10
-  assert read_metrics(str(tmp_path / 'metrics.jsonl'))[-1]['step'] == 15
+  assert helpers.checkpoint_steps(workdir) == [10, 15]  # 15: not a multiple
+  assert _metric_steps(workdir)[-1] == 15
   monkeypatch.setattr(config_lib, 'build_data', build_data)
-  assert train.main(_argv(tmp_path, data_dir)) == 0
-  assert 'resumed from step 15' in capsys.readouterr().out
-  _assert_same_run(_final(tmp_path, data_dir), reference)
+
+  # A different config in the same work dir is refused, with the diff.
+  keep3 = argv + ['--config.train.keep_checkpoints=3']
+  assert train.main(keep3 + ['--config.train.eval_every=10']) == 2
+  err = capsys.readouterr().err
+  assert 'train.eval_every: 20 -> 10\n' in err, err
+  assert 'train.keep_checkpoints: 2 -> 3\n' in err and '--override' in err
+  assert helpers.checkpoint_steps(workdir) == [10, 15]
+  assert _metric_steps(workdir)[-1] == 15
+  # --override continues the run with the new config (keep 3 checkpoints:
+  # it does not change any computed value).
+  assert train.main(keep3 + ['--override']) == 0
+  out = capsys.readouterr().out
+  assert 'train.keep_checkpoints: 2 -> 3' in out
+  assert 'resumed from step 15' in out
+  assert helpers.checkpoint_steps(workdir) == [20, 30, 40]
+  with open(os.path.join(workdir, 'config.1.json')) as f:
+    assert json.load(f)['train']['keep_checkpoints'] == 2
+  helpers.assert_same_run(helpers.final_state(keep3), reference.result())
   # Re-running a finished run changes nothing.
-  assert train.main(_argv(tmp_path, data_dir)) == 0
-  _assert_same_run(_final(tmp_path, data_dir), reference)
+  assert train.main(keep3) == 0
+  helpers.assert_same_run(helpers.final_state(keep3), reference.result())
 
 
-def _interrupt_subprocess(workdir, data_dir, sig, at_checkpoint):
-  """Starts the CLI and sends it `sig` once checkpoint `at_checkpoint`
-  exists; returns (exit code, combined output)."""
-  log_path = os.path.join(workdir, f'log_{at_checkpoint}.txt')
-  os.makedirs(workdir, exist_ok=True)
-  proc = helpers.start_cli(_argv(workdir, data_dir), log_path)
+def _last_metric_step(workdir):
+  steps = _metric_steps(workdir)
+  return steps[-1] if steps else 0
+
+
+STEP_DELAY = 0.08  # s per step in the trial subprocesses (timing only)
+
+
+def _trial(workdir, argv, name, predicate, sig, options=()):
+  """Starts the CLI (through tests.train.trial_cli, STEP_DELAY per step),
+  sends `sig` once `predicate()` holds; returns (exit code, output)."""
+  log_path = os.path.join(os.path.dirname(workdir), f'log_{name}.txt')
+  proc = helpers.start_cli(
+      argv, log_path, 'tests.train.trial_cli',
+      ('--step_delay', str(STEP_DELAY), *options, '--'))
   try:
-    running = helpers.wait_for(
-        lambda: at_checkpoint in _checkpoint_steps(workdir), proc,
-        timeout=120)
-    assert running, open(log_path).read()[-3000:]
+    running = helpers.wait_for(predicate, proc, timeout=120)
+    if not running:
+      with open(log_path) as f:
+        raise AssertionError(f.read()[-3000:])
     os.kill(proc.pid, sig)
     rc = proc.wait(timeout=60)
   finally:
@@ -127,22 +114,62 @@ def _interrupt_subprocess(workdir, data_dir, sig, at_checkpoint):
     return rc, f.read()
 
 
-def test_sigterm_then_sigkill_subprocess_then_resume_is_exact(
-    reference, data_dir, tmp_path):
+def test_kill_trials_then_resume_is_exact(reference, data_dir, tmp_path,
+                                          capsys):
+  seed = int(os.environ.get('MOEJAX_KILL_SEED', time.time_ns() % 2**31))
+  rng = random.Random(seed)
+  why = f'(replay with MOEJAX_KILL_SEED={seed})'
   workdir = str(tmp_path / 'run')
-  # SIGTERM: a checkpoint at the step reached, exit code 0.
-  rc, log = _interrupt_subprocess(workdir, data_dir, signal.SIGTERM, 10)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  argv = helpers.reference_argv(workdir, data_dir)
+
+  # 1. SIGKILL at a random step before the first checkpoint.
+  kill_at = rng.randint(2, 7)
+  rc, log = _trial(workdir, argv, 'kill_early',
+                   lambda: _last_metric_step(workdir) >= kill_at,
+                   signal.SIGKILL)
+  assert rc == -signal.SIGKILL, why
+  assert helpers.checkpoint_steps(workdir) == [], why
+  stale = len(_metric_steps(workdir))
+  assert stale >= kill_at, why
+
+  # 2. SIGTERM once checkpoint 10 exists: a checkpoint at the step reached.
+  rc, log = _trial(workdir, argv, 'sigterm',
+                   lambda: 10 in helpers.checkpoint_steps(workdir),
+                   signal.SIGTERM)
   assert rc == 0, log[-3000:]
-  stopped = _checkpoint_steps(workdir)[-1]
-  assert 10 <= stopped < 20
+  assert f'starting at step 0 (dropped {stale} stale metric records)' in log
+  stopped = helpers.checkpoint_steps(workdir)[-1]
+  assert 10 <= stopped < 20, why
   assert f'SIGTERM: saved a checkpoint at step {stopped}' in log
-  records = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-  assert records[-1]['step'] == stopped
-  # The same command resumes; SIGKILL it mid-run (no chance to clean up:
-  # metric records past its last checkpoint stay on disk).
-  rc, log = _interrupt_subprocess(workdir, data_dir, signal.SIGKILL, 20)
+  assert _metric_steps(workdir) == list(range(1, stopped + 1))
+
+  # 3. SIGKILL in the middle of writing checkpoint 20 (paused before its
+  #    commit by trial_cli's --pause_save hook).
+  marker = os.path.join(os.path.dirname(workdir), 'paused_in_save_20')
+  rc, log = _trial(workdir, argv, 'kill_in_save',
+                   lambda: os.path.exists(marker), signal.SIGKILL,
+                   options=('--pause_save', '20', marker))
   assert rc == -signal.SIGKILL
   assert f'resumed from step {stopped}' in log
-  assert 20 <= _checkpoint_steps(workdir)[-1] < STEPS
-  assert train.main(_argv(workdir, data_dir)) == 0
-  _assert_same_run(_final(workdir, data_dir), reference)
+  assert '20.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)
+  assert 20 not in helpers.checkpoint_steps(workdir)
+  assert _last_metric_step(workdir) == 20  # records past the checkpoint
+
+  # 4. SIGKILL at a random later step (maybe inside checkpoint 30's write).
+  kill_at = rng.randint(21, 36)
+  rc, log = _trial(workdir, argv, 'kill_late',
+                   lambda: _last_metric_step(workdir) >= kill_at,
+                   signal.SIGKILL)
+  assert rc == -signal.SIGKILL, why
+  assert ('checkpoint: removing 20.orbax-checkpoint-tmp, an unfinished save'
+          in log), log[-3000:]
+  assert f'resumed from step {stopped} ({stopped} metric records kept)' in log
+  assert 20 in helpers.checkpoint_steps(workdir), why
+
+  # 5. The same command finishes the run, exactly like the reference.
+  last = helpers.checkpoint_steps(workdir)[-1]
+  assert train.main(argv) == 0
+  out = capsys.readouterr().out
+  assert f'resumed from step {last}' in out, why
+  helpers.assert_same_run(helpers.final_state(argv), reference.result())

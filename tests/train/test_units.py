@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from moejax.train import metrics as metrics_lib
 from moejax.train import optim
@@ -117,3 +118,87 @@ def test_progress_bar_and_plain_lines(capsys, monkeypatch):
   bar.log(record)
   bar.close()
   assert '2/4' in stream.getvalue() and 'loss=1.5000' in stream.getvalue()
+
+
+def _flags_of(metrics, grads):
+  flags = step_lib.finite_flags(metrics, grads, params={'w': jnp.ones(2)},
+                                model_state={})
+  return jax.device_get(flags)
+
+
+def test_nonfinite_report_names_the_first_layer_in_forward_order():
+  nan, one = jnp.float32(jnp.nan), jnp.float32(1.0)
+  metrics = {'loss': nan, 'moe/block_2/aux_loss': one,
+             'moe/block_2/z_loss': jnp.float32(jnp.inf),
+             'moe/block_10/aux_loss': nan, 'moe/block_10/z_loss': nan,
+             'moe/block_0/expert_load': jnp.array([0.5, 0.5])}
+  grads = {'block_2': {'router': {'kernel': jnp.array([1.0, nan])}},
+           'embed': {'embedding': jnp.ones(3)}}
+  flags = _flags_of(metrics, grads)
+  assert not flags['all_finite'] and flags['finite/moe/block_0/expert_load']
+  report = step_lib.nonfinite_report(7, flags, loss=float('nan'))
+  lines = report.split('\n')
+  assert lines[0] == ('non-finite values in the update to step 7 (train '
+                      'batch 6) (loss=nan).')
+  # block_2 comes before block_10 (natural order, not string order).
+  assert lines[1] == ('First non-finite MoE layer (forward order): block_2: '
+                      'z_loss (router logits); later ones too: block_10.')
+  assert lines[2] == ('Non-finite gradients in 1 of 2 param arrays: '
+                      'block_2/router/kernel.')
+  assert 'Non-finite: the loss.' in lines
+
+
+def test_nonfinite_gradient_with_finite_loss_and_layers():
+  metrics = {'loss': jnp.float32(2.0), 'moe/block_0/z_loss': jnp.float32(1.)}
+  grads = {'a': jnp.ones(2), 'b': jnp.array([jnp.inf])}
+  flags = _flags_of(metrics, grads)
+  assert not flags['all_finite'] and flags['finite/loss']
+  report = step_lib.nonfinite_report(3, flags)
+  assert "Every MoE layer's router logits and aux losses were finite." in (
+      report)
+  assert 'Non-finite gradients in 1 of 2 param arrays: b.' in report
+  assert bool(_flags_of(metrics, {'a': jnp.ones(2)})['all_finite'])
+
+
+def test_config_diff_lists_changed_and_new_keys():
+  from experiments import config_lib  # pylint: disable=g-import-not-at-top
+  stored = {'seed': 0, 'train': {'steps': 10, 'lr': 1.0},
+            'model': {'tie_embeddings': True}}
+  new = {'seed': 0, 'train': {'steps': 20, 'lr': 1},  # 1 == 1.0: same
+         'model': {'tie_embeddings': 1,  # 1 is not True for a bool key
+                   'moe': {'allow_noncausal_routing': False,  # new, default
+                           'z_loss_weight': 0.5}}}  # new, not the default
+  assert config_lib.config_diff(stored, new) == [
+      ('model.moe.z_loss_weight', '<absent>', 0.5),
+      ('model.tie_embeddings', True, 1),
+      ('train.steps', 10, 20)]
+
+
+def test_checkpoint_crc_detects_changed_bytes(tmp_path):
+  from moejax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from moejax.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  logs = []
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3,
+                                       log=logs.append)
+  for step in (1, 2):
+    checkpointer.save(TrainState(step=jnp.int32(step),
+                                 params={'w': jnp.arange(4.0) * step},
+                                 opt_state=(), model_state={}))
+  abstract = jax.eval_shape(lambda: TrainState(
+      step=jnp.int32(0), params={'w': jnp.zeros(4)}, opt_state=(),
+      model_state={}))
+  assert float(checkpointer.restore(abstract, 2).params['w'][1]) == 2.0
+  # Record a different CRC for checkpoint 2: its bytes no longer match.
+  record = tmp_path / 'checkpoints' / '2' / 'integrity' / 'metadata'
+  crcs = json.loads(record.read_text())
+  assert [path for path, _ in crcs['crc32']] == ['.step', ".params['w']"]
+  crcs['crc32'][1][1] ^= 1
+  record.write_text(json.dumps(crcs))
+  with pytest.raises(ckpt_lib.CheckpointCorruptError,
+                     match=r"leaf \.params\['w'\] has CRC-32"):
+    checkpointer.restore(abstract, 2)
+  state = checkpointer.restore_latest_good(abstract)
+  assert int(state.step) == 1 and checkpointer.all_steps() == [1]
+  assert (tmp_path / 'bad_checkpoints' / '2').is_dir()
+  assert any('moved the bad checkpoint 2' in m for m in logs)
+  checkpointer.close()
