@@ -30,3 +30,28 @@ def get_config(arg=None):
     ml_collections.ConfigDict.
   """
   return base.sized_config(arg, dict(num_experts=0))
+
+
+def get_sweeps(arg=None):
+  """Named sweeps of this config for `python -m experiments.sweep`.
+
+      python -m experiments.sweep --config configs/dense.py:small \
+          --sweep seeds --workdir runs/sweeps/dense_small_seeds
+
+  Sweeps:
+    seeds   the config unchanged at seeds 0, 1, 2 (no dense baseline is
+            added: this is it).
+    width   d_ff x {1, 2, 4, 8}: dense models with the FFN parameters of
+            1, 2, 4, 8 Switch experts (and as many times the FLOPs).
+
+  Args:
+    arg: the size variant ('tiny' | 'small').
+
+  Returns:
+    {sweep name: [{dotted key: value}, ...]}.
+  """
+  d_ff = get_config(arg).model.d_ff
+  return {
+      'seeds': [{'seed': s} for s in (0, 1, 2)],
+      'width': [{'model.d_ff': d_ff * m} for m in (1, 2, 4, 8)],
+  }

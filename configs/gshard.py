@@ -33,3 +33,38 @@ def get_config(arg=None):
   return base.sized_config(arg, dict(
       top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0,
       second_expert_policy='random', aux_loss_weight=0.01))
+
+
+def get_sweeps(arg=None):
+  """Named sweeps of this config for `python -m experiments.sweep`.
+
+  Points map dotted config keys to values (see configs/switch.py). E.g.
+
+      python -m experiments.sweep --config configs/gshard.py:small \
+          --sweep experts --seeds 2 --workdir runs/sweeps/gshard_small_experts
+
+  Sweeps:
+    experts   num_experts in {2, 4, 8, 16, 32} (top-2 needs E >= 2); active
+              FLOPs stay those of two experts.
+    capacity  capacity factor in {0.5, 1.0, 1.25, 2.0, None (dropless)},
+              training and eval alike.
+    balance   aux_loss_weight in {0, 1e-4, 1e-3, 1e-2, 1e-1, 1}.
+    seeds     the config unchanged at seeds 0, 1, 2.
+
+  Args:
+    arg: the size variant ('tiny' | 'small').
+
+  Returns:
+    {sweep name: [{dotted key: value}, ...]}.
+  """
+  del arg  # the points do not depend on the size
+  moe = 'model.moe.'
+  return {
+      'experts': [{moe + 'num_experts': e} for e in (2, 4, 8, 16, 32)],
+      'capacity': [{moe + 'capacity_factor': cf,
+                    moe + 'eval_capacity_factor': cf}
+                   for cf in (0.5, 1.0, 1.25, 2.0, None)],
+      'balance': [{moe + 'aux_loss_weight': w}
+                  for w in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
+      'seeds': [{'seed': s} for s in (0, 1, 2)],
+  }

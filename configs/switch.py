@@ -31,3 +31,52 @@ def get_config(arg=None):
   return base.sized_config(arg, dict(
       top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0,
       second_expert_policy='all', aux_loss_weight=0.01))
+
+
+def get_sweeps(arg=None):
+  """Named sweeps of this config for `python -m experiments.sweep`.
+
+  Each sweep is a list of points; a point maps dotted config keys to values
+  (applied on top of `get_config(arg)` and any --config overrides). Run one
+  with, e.g.,
+
+      python -m experiments.sweep --config configs/switch.py:small \
+          --sweep experts --seeds 2 --workdir runs/sweeps/switch_small_experts
+
+  Sweeps:
+    experts     num_experts in {1, 2, 4, 8, 16, 32}; top-1 with expert width
+                d_ff, so active FLOPs per token stay those of the dense
+                baseline (up to the D x E router) while params grow with E.
+    topk        top_k in {1, 2, 4} (E = 8): active expert FLOPs grow with K.
+    topk_flops  top_k = K with d_ff = F / K, K in {1, 2, 4}: the same active
+                FFN FLOPs per token at every K.
+    capacity    capacity factor in {0.5, 1.0, 1.25, 2.0, None (dropless)},
+                the same for training and eval, so the eval drop fraction
+                and loss reflect it.
+    balance     aux_loss_weight in {0, 1e-4, 1e-3, 1e-2, 1e-1, 1}: 1 is
+                past the published range, to show what too much costs.
+    seeds       the config unchanged at seeds 0, 1, 2.
+  A `router` sweep is one line once several routers exist, e.g.
+  `'router': [{'model.moe.router': r} for r in ('topk', ...)]`; until then
+  run any one-key sweep ad hoc: `--sweep model.moe.router=topk,...`.
+
+  Args:
+    arg: the size variant, as for get_config ('tiny' | 'small').
+
+  Returns:
+    {sweep name: [{dotted key: value}, ...]}.
+  """
+  d_ff = get_config(arg).model.d_ff
+  moe = 'model.moe.'
+  return {
+      'experts': [{moe + 'num_experts': e} for e in (1, 2, 4, 8, 16, 32)],
+      'topk': [{moe + 'top_k': k} for k in (1, 2, 4)],
+      'topk_flops': [{moe + 'top_k': k, 'model.d_ff': d_ff // k}
+                     for k in (1, 2, 4)],
+      'capacity': [{moe + 'capacity_factor': cf,
+                    moe + 'eval_capacity_factor': cf}
+                   for cf in (0.5, 1.0, 1.25, 2.0, None)],
+      'balance': [{moe + 'aux_loss_weight': w}
+                  for w in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
+      'seeds': [{'seed': s} for s in (0, 1, 2)],
+  }

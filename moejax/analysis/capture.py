@@ -1,0 +1,157 @@
+"""Reading a model's routing decisions on eval data, and the per-layer
+specialisation score (`moejax.analysis.info`) computed from them.
+
+Axis letters: B batch (sequences), L sequence length, G groups, S tokens per
+group, K experts chosen per token.
+
+The routers' decisions are captured with flax `capture_intermediates` on the
+MoeLayer submodules named 'router' (their `__call__` returns the decision
+and its aux), so no layer needs a hook. Layer names are the top-level
+submodule holding the router ('block_i' in a TransformerLM, as in
+aux['layers'] and the 'moe/block_i/...' metrics).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.analysis.info import score_layer
+
+ROUTER_NAME = 'router'  # the MoeLayer's router submodule (param router/kernel)
+
+
+def _is_router(module: nn.Module, method_name: str) -> bool:
+  """capture_intermediates filter: the __call__ of every MoeLayer router."""
+  return method_name == '__call__' and module.name == ROUTER_NAME
+
+
+def _as_variables(params: Any) -> Mapping[str, Any]:
+  """A param tree -> {'params': tree}; a full variables dict is kept."""
+  if isinstance(params, Mapping) and 'params' in params:
+    return params
+  return {'params': params}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _routing_pass(model: nn.Module, variables: Any, inputs: jax.Array,
+                  pad_id: jax.Array):
+  """Eval-mode forward pass that keeps each router's top-1 choice.
+
+  `pad_id` is traced (-1: no padding, as token ids are >= 0), so one
+  program serves every pad id.
+
+  Returns:
+    ({layer: top-1 expert [B, L] int32}, {layer: the MoeLayer aux dict}).
+  """
+  b, l = inputs.shape
+  padding_mask = inputs == pad_id  # [B, L]
+  (_, aux), state = model.apply(
+      variables, inputs, padding_mask=padding_mask, deterministic=True,
+      capture_intermediates=_is_router, mutable=['intermediates'])
+  top1 = {}
+  flat = jax.tree_util.tree_flatten_with_path(
+      state['intermediates'], is_leaf=lambda v: isinstance(v, tuple))[0]
+  for path, value in flat:
+    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    if keys[-2:] != (ROUTER_NAME, '__call__'):
+      continue  # e.g. the MoeLayer's sown 'dispatched' buffers
+    decision = value[0][0]
+    if not hasattr(decision, 'expert_index'):
+      raise ValueError(
+          f'the router at {"/".join(keys[:-1])} returned a '
+          f'{type(decision).__name__} without expert_index [G, S, K]; the '
+          'specialisation score needs token-choice routing.')
+    layer = keys[0] if len(keys) > 2 else 'moe'
+    idx = decision.expert_index[..., 0].reshape(-1)  # [G * S]
+    top1[layer] = idx[:b * l].reshape(b, l).astype(jnp.int32)  # [B, L]
+  return top1, dict(aux.get('layers', {}))
+
+
+def has_domains(batches: Sequence[Mapping[str, np.ndarray]]) -> bool:
+  """Whether every example of every batch carries a domain id >= 0."""
+  return bool(batches) and all(
+      'domain' in b and np.all(np.asarray(b['domain']) >= 0) for b in batches)
+
+
+def routing_outputs(model: nn.Module, params: Any,
+                    batches: Sequence[Mapping[str, np.ndarray]],
+                    pad_id: Optional[int] = None):
+  """Top-1 experts, validity and per-layer aux of eval batches.
+
+  Args:
+    model: TransformerLM-like: apply(variables, inputs [B, L],
+      padding_mask=, deterministic=, capture_intermediates=, mutable=) ->
+      ((logits, aux with aux['layers']), state); MoE routers are submodules
+      named 'router'. Static under jit (must be hashable).
+    params: the param tree, or a full variables dict {'params': ..., ...}.
+    batches: dicts with 'tokens' [B, L + 1] (inputs are tokens[:, :-1]).
+    pad_id: padding token id or None.
+
+  Returns:
+    ({layer: top-1 expert [sum B, L] int32 numpy},
+     valid [sum B, L] bool numpy (False at padding inputs),
+     [per batch: {layer: aux dict of numpy arrays}]).
+  """
+  variables = _as_variables(params)
+  tops, valids, auxes = [], [], []
+  for batch in batches:
+    inputs = jnp.asarray(np.asarray(batch['tokens'])[:, :-1], jnp.int32)
+    top1, aux = jax.device_get(_routing_pass(
+        model, variables, inputs, jnp.int32(-1 if pad_id is None else pad_id)))
+    tops.append(top1)
+    auxes.append(aux)
+    valids.append(np.ones(inputs.shape, bool) if pad_id is None else
+                  np.asarray(inputs) != pad_id)
+  layers = sorted(tops[0], key=_layer_order) if tops else []
+  experts = {k: np.concatenate([t[k] for t in tops]) for k in layers}
+  valid = (np.concatenate(valids) if valids else np.zeros((0, 0), bool))
+  return experts, valid, auxes
+
+
+def _layer_order(name: str):
+  """'block_10' after 'block_2'."""
+  head, _, tail = name.rpartition('_')
+  return (head, int(tail)) if tail.isdigit() else (name, -1)
+
+
+def domain_ids(batches: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+  """[sum B] domain ids; ValueError if any is missing or unknown."""
+  if not has_domains(batches):
+    raise ValueError(
+        "batches carry no domain ids ('domain' missing or -1): the "
+        "specialisation score needs labelled eval data, e.g. "
+        "data.name='synthetic_mixture'.")
+  return np.concatenate([np.asarray(b['domain'], np.int64) for b in batches])
+
+
+def specialisation(model: nn.Module, params: Any,
+                   batches: Sequence[Mapping[str, np.ndarray]],
+                   pad_id: Optional[int] = None) -> dict[str, float]:
+  """NMI between each token's top-1 expert and its domain, per MoE layer.
+
+  Eval mode (deterministic routing); padding inputs are left out. The
+  routing is read with flax `capture_intermediates` on the routers, so the
+  layers need no change. Compiles once per (model, batch shape).
+
+  Args:
+    model: see `routing_outputs`.
+    params: the param tree (or a full variables dict).
+    batches: eval batches {'tokens': [B, L + 1], 'domain': [B]}, every
+      domain >= 0 (see `has_domains`).
+    pad_id: padding token id or None.
+
+  Returns:
+    {layer name (e.g. 'block_0'): NMI in [0, 1]}; {} for a dense model.
+  """
+  if not getattr(model, 'moe_layers', True):
+    return {}  # a dense TransformerLM: nothing to run
+  domain = domain_ids(batches)
+  experts, valid, _ = routing_outputs(model, params, batches, pad_id)
+  return {layer: score_layer(top1, domain, valid, num_shuffles=0)['nmi']
+          for layer, top1 in experts.items()}
