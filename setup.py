@@ -27,6 +27,12 @@ setuptools.setup(
         'tqdm',  # progress bar
     ],
     extras_require={
-        'test': ['pytest', 'hypothesis'],
+        'test': [
+            'pytest', 'hypothesis',
+            # tests/test_notebooks.py executes notebooks/ in a python3
+            # kernel: nbclient (Jupyter's own executor) + nbformat to read
+            # and validate them, ipykernel for the kernel.
+            'nbclient', 'nbformat', 'ipykernel',
+        ],
     },
 )
