@@ -303,7 +303,11 @@ def dense_row(s: Settings, k: int, entry: tuple, peak: float) -> dict:
 
 
 def _layer_row(s: Settings, dispatcher: str, e: int, k: int) -> dict:
-  """A layer row with its static fields; skipped unless in DISPATCHERS."""
+  """A layer row with its static fields; skipped unless a known dispatcher.
+
+  'ragged' runs dropless (capacity_factor=None): no capacity padding, so
+  its expert FLOPs are exactly the routed tokens'.
+  """
   group = _group(s)
   row = {'kind': 'layer', 'dispatcher': dispatcher, 'num_experts': e,
          'top_k': k, 'tokens': s.tokens, 'group_size': group,
@@ -315,15 +319,18 @@ def _layer_row(s: Settings, dispatcher: str, e: int, k: int) -> dict:
          'dense_seconds': None, 'ratio_to_dense': None,
          'speedup_vs_einsum': None, 'pct_of_matmul_peak': None,
          'temp_mib': None, 'device_peak_mib': None, 'status': 'ok'}
-  if dispatcher not in moejax.DISPATCHERS:
-    row['status'] = ('skipped: not in moejax.dispatch.DISPATCHERS (has '
-                     f'{", ".join(moejax.DISPATCHERS)})')
+  if dispatcher == 'ragged':
+    row.update(capacity_factor=None, capacity=None)
+  if dispatcher not in moejax.DISPATCHER_NAMES:
+    row['status'] = ('skipped: not in moejax.DISPATCHER_NAMES (has '
+                     f'{", ".join(moejax.DISPATCHER_NAMES)})')
   return row
 
 
 def _moe(s: Settings, dispatcher: str, e: int, k: int) -> moejax.MoeLayer:
+  cf = None if dispatcher == 'ragged' else s.capacity_factor
   return moejax.MoeLayer(num_experts=e, d_ff=s.d_ff, top_k=k,
-                         capacity_factor=s.capacity_factor,
+                         capacity_factor=cf,
                          dispatcher=dispatcher, group_size=_group(s),
                          activation='relu', dtype=DTYPES[s.dtype])
 
@@ -405,7 +412,7 @@ def layer_group(s: Settings, e: int, k: int, x: jax.Array, params,
     name = row['dispatcher']
     if row['status'] == 'ok':
       entries[name] = (_layer_grad(_moe(s, name, e, k)), (params, x))
-      if s.profile:
+      if s.profile and name in moejax.DISPATCHERS:  # not 'ragged'
         for part, entry in component_fns(s, name, e, k, x, params).items():
           entries[f'{name}/{part}'] = entry
   results = time_interleaved(entries, s.repeats)
