@@ -52,15 +52,20 @@ def route(probs, k, capacity, priority, valid):
            for j in range(k)] for t in range(s)]
 
 
+def _router_probs(x, kernel):
+  """Softmax router probabilities of one group: x [S, D] -> [S, E]."""
+  logits = x @ kernel
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  return probs / probs.sum(-1, keepdims=True)
+
+
 def moe_layer(x, valid, params, k, capacity, priority, activation):
   """x [G, S, D], valid [G, S] -> y [G, S, D], by explicit loops."""
   params = {name: np.asarray(v, np.float64) for name, v in params.items()}
   x = np.asarray(x, np.float64)
   y = np.zeros_like(x)
   for g in range(x.shape[0]):
-    logits = x[g] @ params['router']
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = _router_probs(x[g], params['router'])
     for t, choices in enumerate(route(probs, k, capacity, priority, valid[g])):
       for expert, gate, kept in choices:
         if kept:
@@ -101,9 +106,7 @@ def expert_choice_layer(x, valid, params, capacity, activation):
   x = np.asarray(x, np.float64)
   y = np.zeros_like(x)
   for g in range(x.shape[0]):
-    logits = x[g] @ params['router']
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = _router_probs(x[g], params['router'])
     for e in range(probs.shape[1]):
       tokens = [t for t in range(x.shape[1]) if valid[g, t]]
       tokens = sorted(tokens, key=lambda t: (-probs[t, e], t))[:capacity]
