@@ -24,6 +24,11 @@ NULLABLE = {
     'model.moe.capacity_factor': float,  # None -> dropless
     'model.moe.eval_capacity_factor': float,
     'model.moe.group_size': int,  # None -> one group per sequence
+    'model.moe.topk_groups': int,  # None -> every expert group selectable
+    'model.moe.shared_d_ff': int,  # None -> d_ff // granularity
+    'distributed.coordinator_address': str,  # None -> auto-detect / 1 process
+    'distributed.num_processes': int,  # None -> auto-detect
+    'distributed.process_id': int,  # None -> auto-detect
 }
 
 SIZES = {
@@ -50,7 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   Returns:
     ConfigDict with sections `train`, `data`, `model` (and `model.moe`),
-    plus the top-level `seed`.
+    `mesh`, `distributed`, plus the top-level `seed`.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0  # init params and the per-step RNG; also the data shuffle seed
@@ -72,19 +77,46 @@ def get_base_config() -> ml_collections.ConfigDict:
       pattern='', text_key='text',
       pad_id=None))  # token id ignored by the loss (e.g. 0 for TFDS text)
   c.model = ml_collections.ConfigDict(dict(
+      # 'lm': decoder TransformerLM (next token); 'classify': bidirectional
+      # EncoderClassifier of each example's domain id (non-causal routers).
+      task='lm',
       num_layers=2, d_model=64, num_heads=4, d_ff=128, activation='gelu',
       tie_embeddings=True, rope_base=1e4, dtype='float32',
       param_dtype='float32'))
+  # MoeLayer arguments (see moejax/layers.py for each one's meaning).
   c.model.moe = ml_collections.ConfigDict(dict(
       num_experts=0,  # 0: dense
       top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0,
-      min_capacity=4, router='topk', score_fn='softmax',
-      dispatcher='gather', priority='choice', second_expert_policy='all',
-      jitter_eps=0.0, group_size=None, moe_every=1, first_dense_layers=0,
+      min_capacity=4, capacity_multiple_of=1,
+      router='topk',  # | 'expert_choice' | 'soft_moe' (task='classify')
+      score_fn='softmax',  # | 'sigmoid' (DeepSeek-V3)
+      dispatcher='gather', priority='choice', renormalize=False,
+      routed_scaling=1.0, second_expert_policy='all',
+      second_expert_threshold=0.2, jitter_eps=0.0,
+      # DeepSeek-V3: group-limited selection and loss-free balancing speed.
+      num_groups=1, topk_groups=None, bias_update_rate=0.0,
+      # Fine-grained experts (m*E of width F/m, m*K chosen) and shared ones.
+      granularity=1, num_shared_experts=0, shared_d_ff=None,
+      shared_gate=False,
+      slots_per_expert=1, soft_normalize=False,  # Soft MoE
+      group_size=None, moe_every=1, first_dense_layers=0,
       # priority='score' lets a token's routing see later tokens: a causal
       # LM refuses it unless this is True.
       allow_noncausal_routing=False,
       aux_loss_weight=0.01, z_loss_weight=0.0))
+  # Device mesh ('data', 'expert', 'model'); one size may be -1 (all the
+  # remaining devices). The batch is split over data x expert, the experts
+  # over expert, expert / FFN hidden widths and heads over model. It sets
+  # where arrays live, not what is computed (README "Scaling out").
+  c.mesh = ml_collections.ConfigDict(dict(data=1, expert=1, model=1))
+  # Several processes (hosts): jax.distributed.initialize runs first when
+  # initialize=True or coordinator_address is set. Unset values are
+  # auto-detected (TPU pod slices, SLURM, Open MPI; JAX_COORDINATOR_ADDRESS).
+  # Default: one process, no initialisation.
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize=False,
+      coordinator_address=None,  # 'host:port' of process 0
+      num_processes=None, process_id=None))
   return c
 
 

@@ -56,9 +56,13 @@ def get_sweeps(arg=None):
     balance     aux_loss_weight in {0, 1e-4, 1e-3, 1e-2, 1e-1, 1}: 1 is
                 past the published range, to show what too much costs.
     seeds       the config unchanged at seeds 0, 1, 2.
-  A `router` sweep is one line once several routers exist, e.g.
-  `'router': [{'model.moe.router': r} for r in ('topk', ...)]`; until then
-  run any one-key sweep ad hoc: `--sweep model.moe.router=topk,...`.
+    router      the causal LM's token-choice routers at top-2 and equal
+                active FLOPs: softmax (GShard-like, aux 0.01), sigmoid +
+                loss-free balancing bias (DeepSeek-V3, aux 0), and the same
+                with group-limited selection and fine-grained + shared
+                experts (2 routed of width F/2 plus a shared 2 x F/2). Expert choice and
+                Soft MoE are non-causal: see configs/expert_choice.py and
+                configs/soft_moe.py (encoder classifiers).
 
   Args:
     arg: the size variant, as for get_config ('tiny' | 'small').
@@ -79,4 +83,16 @@ def get_sweeps(arg=None):
       'balance': [{moe + 'aux_loss_weight': w}
                   for w in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
       'seeds': [{'seed': s} for s in (0, 1, 2)],
+      'router': [
+          {moe + 'top_k': 2},
+          {moe + 'top_k': 2, moe + 'score_fn': 'sigmoid',
+           moe + 'renormalize': True, moe + 'bias_update_rate': 0.01,
+           moe + 'aux_loss_weight': 0.0},
+          {moe + 'top_k': 1, moe + 'granularity': 2,
+           moe + 'score_fn': 'sigmoid', moe + 'renormalize': True,
+           moe + 'bias_update_rate': 0.01, moe + 'num_groups': 2,
+           moe + 'topk_groups': 1,
+           # 2 routed experts of F/2 + a shared FFN of 2 * F/2: 2F, as top-2
+           moe + 'num_shared_experts': 2, moe + 'aux_loss_weight': 0.0},
+      ],
   }

@@ -13,6 +13,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 from typing import Any, Optional
@@ -23,7 +24,8 @@ import ml_collections
 from configs import base as base_config
 from moejax import ACTIVATIONS
 from moejax import data as data_lib
-from moejax.models import TransformerLM
+from moejax import sharding
+from moejax.models import EncoderClassifier, TransformerLM
 from moejax.train import optim
 
 # float16 is left out: it would need loss scaling.
@@ -33,10 +35,15 @@ SYNTHETIC_KEYS = ('num_domains', 'vocab_size', 'support', 'alpha', 'seed',
                   'example_len', 'num_train', 'num_eval')
 # model.moe keys passed to MoeLayer (the rest are loss weights / placement).
 MOE_LAYER_KEYS = ('num_experts', 'top_k', 'capacity_factor',
-                  'eval_capacity_factor', 'min_capacity', 'router',
-                  'score_fn', 'dispatcher', 'priority',
-                  'second_expert_policy', 'jitter_eps', 'group_size',
-                  'allow_noncausal_routing')
+                  'eval_capacity_factor', 'min_capacity',
+                  'capacity_multiple_of', 'router', 'score_fn', 'dispatcher',
+                  'priority', 'renormalize', 'routed_scaling',
+                  'second_expert_policy', 'second_expert_threshold',
+                  'jitter_eps', 'num_groups', 'topk_groups',
+                  'bias_update_rate', 'granularity', 'num_shared_experts',
+                  'shared_d_ff', 'shared_gate', 'slots_per_expert',
+                  'soft_normalize', 'group_size', 'allow_noncausal_routing')
+TASKS = ('lm', 'classify')  # model.task: TransformerLM | EncoderClassifier
 # TransformerLM argument -> config key (MoeLayer arguments: model.moe.<arg>).
 MODEL_ARG_KEYS = {
     'vocab_size': 'data.vocab_size', 'num_layers': 'model.num_layers',
@@ -254,6 +261,12 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
              ', '.join(map(repr, DTYPES)))
   _require('model.activation', m.activation, m.activation in ACTIVATIONS,
            ', '.join(map(repr, ACTIVATIONS)))
+  _require('model.task', m.task, m.task in TASKS, ', '.join(map(repr, TASKS)))
+  if m.task == 'classify' and d.name != 'synthetic_mixture':
+    raise ValueError(
+        f"model.task='classify' predicts each example's domain id, which "
+        f'data.name={d.name!r} does not have; allowed values with '
+        "model.task='classify': data.name='synthetic_mixture'.")
   moe = m.moe
   _require('model.moe.num_experts', moe.num_experts, moe.num_experts >= 0,
            '0 (dense) or an int >= 1')
@@ -323,6 +336,90 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_train(config)
   _check_data(config)
   _check_model(config)
+  _check_distributed(config)
+  if -1 not in mesh_sizes(config):  # else: after the devices are known
+    check_mesh_fit(config, mesh_sizes(config))
+
+
+# ---------------------------------------------------- mesh and processes
+def mesh_sizes(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """(mesh.data, mesh.expert, mesh.model) as set (-1 not resolved).
+
+  Raises:
+    ValueError naming the key: a size not an int >= 1 or -1, two -1s.
+  """
+  sizes = tuple(config.mesh[a] for a in sharding.MESH_AXES)
+  # Validates the values; the device count only matters for a -1.
+  fixed = math.prod(v for v in sizes if isinstance(v, int) and v > 0)
+  sharding.resolve_mesh_shape(*sizes, num_devices=fixed)
+  return sizes
+
+
+def check_mesh_fit(config: ml_collections.ConfigDict,
+                   shape: tuple[int, int, int]) -> None:
+  """Checks the batch and the experts against a (Pd, Pe, Pm) mesh shape.
+
+  B (`train.batch_size`) and the MoE layers' group count G = B * L / S
+  must split over the Pd * Pe batch shards; E (`model.moe.num_experts` x
+  `granularity`) must be a divisor or a multiple of Pe. The ragged
+  dispatcher runs without expert parallelism, so only B is checked there.
+
+  Args:
+    config: the run config.
+    shape: resolved mesh sizes (no -1).
+
+  Raises:
+    ValueError naming the keys and the allowed values.
+  """
+  mesh = dict(zip(sharding.MESH_AXES, shape))
+  t, d, moe = config.train, config.data, config.model.moe
+  expert_bank = moe.num_experts and (moe.dispatcher != 'ragged' or
+                                     moe.router == 'soft_moe')
+  experts = moe.num_experts * moe.granularity
+  if expert_bank:  # E first: its message is the most specific
+    try:
+      sharding.check_moe_mesh(mesh, experts)
+    except ValueError as e:
+      if moe.granularity == 1:
+        raise
+      raise ValueError(f'{e} (model.moe.granularity={moe.granularity}: E = '
+                       f'{moe.num_experts} x {moe.granularity} = {experts} '
+                       'fine-grained experts)') from e
+  sharding.check_batch_size(mesh, t.batch_size)
+  if expert_bank:
+    groups = -(-t.batch_size * d.seq_len // (moe.group_size or d.seq_len))
+    sharding.check_moe_mesh(mesh, experts, groups)
+
+
+def _check_distributed(config: ml_collections.ConfigDict) -> None:
+  """distributed.*: ranges, 'host:port', nothing set that would be unused."""
+  dist = config.distributed
+  n, pid = dist.num_processes, dist.process_id
+  address = dist.coordinator_address
+  if n is not None:
+    _require('distributed.num_processes', n, n >= 1, 'None or an int >= 1')
+  if pid is not None:
+    allowed = f'None or an int in [0, {n})' if n else 'None or an int >= 0'
+    _require('distributed.process_id', pid, pid >= 0 and (n is None or
+                                                          pid < n), allowed)
+  if address is not None:
+    host, _, port = address.rpartition(':')
+    _require('distributed.coordinator_address', address,
+             bool(host) and port.isdigit() and 0 < int(port) < 65536,
+             "None or 'host:port' of process 0, e.g. '10.0.0.1:1234'")
+  if (n is not None or pid is not None) and not (dist.initialize or address):
+    key = 'num_processes' if n is not None else 'process_id'
+    raise ValueError(
+        f'distributed.{key}={n if n is not None else pid} is set but '
+        'jax.distributed is not started; allowed: also set '
+        "distributed.coordinator_address='host:port' (process 0's) or "
+        'distributed.initialize=True, or leave it None for one process.')
+
+
+def uses_distributed(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run calls jax.distributed.initialize (see configs/base)."""
+  dist = config.distributed
+  return bool(dist.initialize or dist.coordinator_address)
 
 
 # ------------------------------------------------------------------ builders
@@ -342,23 +439,27 @@ def moe_kwargs(config: ml_collections.ConfigDict) -> Optional[dict]:
   return {k: moe[k] for k in MOE_LAYER_KEYS if k in moe}
 
 
-def build_model(config: ml_collections.ConfigDict) -> TransformerLM:
-  """The TransformerLM of a config (raises its ValueErrors unprefixed).
+def build_model(config: ml_collections.ConfigDict):
+  """The model of a config (raises its ValueErrors unprefixed).
 
   Args:
     config: run config.
 
   Returns:
-    An (unbound) TransformerLM.
+    An (unbound) TransformerLM (model.task='lm'), or an EncoderClassifier
+    of the data's domain ids (model.task='classify').
   """
   m = config.model
-  return TransformerLM(
+  common = dict(
       num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
       d_ff=m.d_ff, vocab_size=vocab_size(config), activation=m.activation,
       moe=moe_kwargs(config), moe_every=m.moe.moe_every,
       first_dense_layers=m.moe.first_dense_layers,
-      tie_embeddings=m.tie_embeddings, rope_base=float(m.rope_base),
-      dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype])
+      rope_base=float(m.rope_base), dtype=DTYPES[m.dtype],
+      param_dtype=DTYPES[m.param_dtype])
+  if m.get('task', 'lm') == 'classify':
+    return EncoderClassifier(**common, num_classes=config.data.num_domains)
+  return TransformerLM(**common, tie_embeddings=m.tie_embeddings)
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
@@ -394,28 +495,41 @@ def _source_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
           'pad': d.pad_id or 0}
 
 
-def build_data(config: ml_collections.ConfigDict):
+def build_data(config: ml_collections.ConfigDict,
+               rows: Optional[slice] = None):
   """Builds (offline, if needed) the data and returns the loaders.
 
   Args:
     config: run config.
+    rows: the rows of every global batch this process loads (see
+      `sharding.process_batch_rows`), one of B / (stop - start) equal
+      blocks; None: all of them.
 
   Returns:
     (BatchLoader of the train split, list of train.eval_batches eval
-    batches of the eval split); batches hold 'tokens' [B, seq_len + 1].
+    batches of the eval split); batches hold 'tokens' [b, seq_len + 1],
+    b = B or the number of `rows`.
   """
   d, t = config.data, config.train
   kwargs = _source_kwargs(config)
+  rows = rows or slice(0, t.batch_size)
+  local = rows.stop - rows.start  # block rows.start // local of B // local
+  if local < 1 or rows.start % local or t.batch_size % local:
+    raise ValueError(f'rows {rows.start}:{rows.stop} of the global batch '
+                     f'(train.batch_size={t.batch_size}) are not one of '
+                     'equal blocks; order the mesh devices by process.')
+  part = dict(process_index=rows.start // local,
+              process_count=t.batch_size // local)
   try:
     train = data_lib.load_source(d.name, d.train_split, data_dir(config),
                                  **kwargs)
     valid = data_lib.load_source(d.name, d.eval_split, data_dir(config),
                                  **kwargs)
     loader = data_lib.BatchLoader(train, batch_size=t.batch_size,
-                                  seed=config.seed, seq_len=d.seq_len)
+                                  seed=config.seed, seq_len=d.seq_len, **part)
     evals = data_lib.eval_batches(valid, batch_size=t.batch_size,
                                   num_batches=t.eval_batches,
-                                  seq_len=d.seq_len)
+                                  seq_len=d.seq_len, **part)
   except Exception as e:  # pylint: disable=broad-except
     first_line = (str(e).strip().splitlines() or [''])[0]
     raise ValueError(
@@ -436,6 +550,9 @@ def resolved_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # ------------------------------------------------------- work dir vs config
 CONFIG_FILE = 'config.json'
 _ABSENT = '<absent>'
+# Where a run's arrays live and how its processes meet, not what it
+# computes: a work dir may be resumed with other values (another mesh).
+LAYOUT_KEYS = ('mesh.', 'distributed.')
 
 
 def config_diff(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
@@ -472,6 +589,10 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
                          override: bool = False) -> list[str]:
   """Refuses a work dir whose stored config.json differs from `config`.
 
+  The LAYOUT_KEYS (`mesh.*`, `distributed.*`) are not compared: a run may
+  resume on another mesh or another number of hosts (checkpoints restore
+  onto any mesh; results agree to float tolerance).
+
   Args:
     config: the new run's (validated) config.
     workdir: the run directory (may not exist yet).
@@ -500,7 +621,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
         'allowed: --override to continue with the new config, or --fresh '
         'to move the old run aside and start over.') from e
   lines = [f'  {key}: {_fmt(a)} -> {_fmt(b)}'
-           for key, a, b in config_diff(stored, resolved_config(config))]
+           for key, a, b in config_diff(stored, resolved_config(config))
+           if not key.startswith(LAYOUT_KEYS)]
   if lines and not override:
     raise ValueError(
         f'--workdir {workdir} holds a run with a different config ({path});'

@@ -19,10 +19,25 @@ Exit codes (errors print `error: <message>` to stderr):
   0  done, or stopped by SIGTERM after saving a checkpoint;
   1  a checkpoint could not be written, or checkpoints exist but none can
      be restored (nothing is started over);
+  1  also: jax.distributed could not connect to the coordinator;
   2  bad config or refused workdir: before any data is built or anything
-     compiles; the message names the key, the value and what is allowed;
+     compiles; the message names the key, the value and what is allowed
+     (a mesh that does not fit the devices or the model included);
   3  a non-finite loss / gradient: the message names the step and the first
      non-finite MoE layer; the last checkpoint is left intact.
+
+Devices and hosts (README "Scaling out"): `--config.mesh.data/expert/model`
+lay the run out on a device mesh (one may be -1: the remaining devices);
+the default (1, 1, 1) uses one device. With several processes, run the same
+command on every host plus `--config.distributed.coordinator_address=
+HOST:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I` (or `--config.distributed.initialize=
+true` where JAX detects them: TPU pod slices, SLURM, Open MPI);
+`jax.distributed.initialize` then runs before anything touches a device.
+The work dir must be on a file system every host sees; process 0 writes
+the metrics, every process writes its shards of each checkpoint. A run may
+resume on another mesh or number of hosts (mesh.* and distributed.* are
+not compared with the stored config).
 
 Most of a tiny run's wall time is XLA compilation; setting
 JAX_COMPILATION_CACHE_DIR=<dir> (JAX's persistent compilation cache) makes
@@ -38,9 +53,13 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import jax  # importing starts no backend: jax.distributed can still start
+from jax.experimental import multihost_utils
+
 from experiments import config_lib
 from experiments.config_lib import build_data  # pylint: disable=unused-import
 from experiments.config_lib import build_model  # pylint: disable=unused-import
+from moejax import sharding
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -104,6 +123,77 @@ def load_and_validate(spec: str, overrides: dict):
 EXIT_RUN_ERROR, EXIT_BAD_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
 
+def initialize_distributed(config) -> bool:
+  """Calls jax.distributed.initialize if the config asks for it.
+
+  Must run before anything touches a device. Values left None are
+  auto-detected by JAX (TPU pod slices, SLURM, Open MPI; the
+  JAX_COORDINATOR_ADDRESS environment variable).
+
+  Args:
+    config: the validated config (`distributed.*`).
+
+  Returns:
+    Whether jax.distributed was initialised.
+
+  Raises:
+    ValueError: initialisation was asked for, but JAX could not find the
+      coordinator / process count / process id (names the keys).
+    RuntimeError: the coordinator could not be reached.
+  """
+  if not config_lib.uses_distributed(config):
+    return False
+  dist = config.distributed
+  try:
+    jax.distributed.initialize(coordinator_address=dist.coordinator_address,
+                               num_processes=dist.num_processes,
+                               process_id=dist.process_id)
+  except ValueError as e:
+    raise ValueError(
+        f'jax.distributed.initialize could not start ({e}) with '
+        f'distributed.coordinator_address={dist.coordinator_address!r}, '
+        f'distributed.num_processes={dist.num_processes!r}, '
+        f'distributed.process_id={dist.process_id!r}; allowed: all three '
+        'set, or None where the cluster lets JAX detect them (TPU pod '
+        'slices, SLURM, Open MPI).') from e
+  print(f'jax.distributed: process {jax.process_index()} of '
+        f'{jax.process_count()}, {jax.local_device_count()} local of '
+        f'{jax.device_count()} devices', flush=True)
+  return True
+
+
+def build_mesh(config):
+  """The run's device mesh and this process's rows of each global batch.
+
+  Args:
+    config: the validated config (`mesh.*`, after initialize_distributed).
+
+  Returns:
+    (jax.sharding.Mesh, slice of the global batch rows this process loads).
+
+  Raises:
+    ValueError naming the keys: a mesh larger than the devices, a -1 that
+    cannot fill them, or a resolved mesh that does not fit the batch or
+    the experts.
+  """
+  sizes = config_lib.mesh_sizes(config)
+  try:
+    shape = sharding.resolve_mesh_shape(*sizes, jax.device_count())
+  except ValueError as e:
+    raise ValueError(f'{e} Allowed: mesh.data * mesh.expert * mesh.model <= '
+                     f'{jax.device_count()} (the devices of all processes), '
+                     'or -1 for one of them.') from e
+  config_lib.check_mesh_fit(config, shape)
+  mesh = sharding.make_mesh(*shape)
+  return mesh, sharding.process_batch_rows(mesh, config.train.batch_size)
+
+
+def _sync(name: str) -> None:
+  """Barrier across processes (no-op with one)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def _error(message: str, code: int) -> int:
   print(f'error: {message}', file=sys.stderr, flush=True)
   return code
@@ -148,7 +238,10 @@ def move_run_aside(workdir: str) -> Optional[str]:
 
 
 def _prepare_workdir(args, diff: list) -> None:
-  """--fresh: moves the old run aside; --override: keeps its config."""
+  """--fresh: moves the old run aside; --override: keeps its config.
+  With several processes, process 0 does it and the others wait."""
+  if jax.process_index() != 0:
+    return
   if args.fresh:
     moved = move_run_aside(args.workdir)
     if moved:
@@ -176,7 +269,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     diff = [] if args.fresh else config_lib.check_workdir_config(
         config, args.workdir, override=args.override)
     model = config_lib.build_model(config)
-    train_loader, eval_data = config_lib.build_data(config)
+  except ValueError as e:
+    return _error(str(e), EXIT_BAD_CONFIG)
+  try:  # before anything touches a device
+    initialize_distributed(config)
+  except ValueError as e:
+    return _error(str(e), EXIT_BAD_CONFIG)
+  except RuntimeError as e:
+    return _error(f'jax.distributed: {e}', EXIT_RUN_ERROR)
+  try:
+    mesh, rows = build_mesh(config)
+    train_loader, eval_data = config_lib.build_data(config, rows)
   except ValueError as e:
     return _error(str(e), EXIT_BAD_CONFIG)
   try:
@@ -184,6 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except OSError as e:
     return _error(f'could not prepare --workdir {args.workdir}: {e}',
                   EXIT_RUN_ERROR)
+  _sync('moejax_workdir_ready')
   from moejax import train as train_lib  # pylint: disable=g-import-not-at-top
   optimizer, schedule = config_lib.build_optimizer(config)
   t, moe = config.train, config.model.moe
@@ -196,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pad_id=config.data.pad_id, log_every=t.log_every,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints,
-        config=config_lib.resolved_config(config))
+        config=config_lib.resolved_config(config), mesh=mesh)
   except train_lib.NonFiniteError as e:
     return _error(str(e), EXIT_NONFINITE)
   except train_lib.CheckpointError as e:

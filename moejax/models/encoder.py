@@ -53,12 +53,15 @@ class EncoderClassifier(nn.Module):
   param_dtype: Any = jnp.float32
   # Read by the parameter / FLOP accounting: no tied output projection.
   tie_embeddings: bool = False
+  # Read by the train step (moejax.train.step): cross-entropy on labels [B].
+  task = 'classify'
 
   def __post_init__(self):
     for name, minimum in (('vocab_size', 1), ('num_layers', 0),
                           ('d_model', 1), ('num_heads', 1), ('d_ff', 1),
                           ('num_classes', 2)):
-      transformer._check_int(name, getattr(self, name), minimum)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      transformer._check_int(name, getattr(self, name), minimum)
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
       raise ValueError(f'num_heads={self.num_heads} must divide '
                        f'd_model={self.d_model} into even head widths.')

@@ -335,6 +335,8 @@ class TransformerLM(nn.Module):
   rope_base: float = 10000.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Read by the train step (moejax.train.step): next-token cross-entropy.
+  task = 'lm'
 
   def __post_init__(self):
     for name, minimum in (('vocab_size', 1), ('num_layers', 0),

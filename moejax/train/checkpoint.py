@@ -12,8 +12,18 @@ recomputes the CRCs, so a checkpoint whose files were truncated, emptied or
 had bits flipped is reported as corrupt (`CheckpointCorruptError`) rather
 than silently loaded; `restore_latest_good` then falls back to the previous
 checkpoint and moves the bad ones aside to `<workdir>/bad_checkpoints/`.
-(Leaves that are not fully addressable by this process, in multi-host runs,
-have no CRC and are checked by orbax's own metadata only.)
+
+Meshes and processes: arrays are saved as they are sharded (each process
+writes the shards it holds) and restore onto the shardings of the restore
+target, whatever mesh saved them (`sharding.abstract_with_shardings`). The
+CRC of a leaf is taken over its global value (its host copy, gathered from
+its shards), so it does not depend on the mesh either: a checkpoint saved
+on 8 devices is verified when restored on 1, and vice versa. Leaves that
+are not fully addressable by one process (runs over several processes) are
+not gathered: they get no CRC at save (None in the record) and are not
+CRC-checked at restore, only by orbax's own metadata. With several
+processes, process 0 alone moves and deletes checkpoint directories, and
+the others wait for it.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import zlib
 from typing import Any, Callable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -114,13 +125,15 @@ class Checkpointer:
     Returns:
       The names removed.
     """
-    removed = []
-    for name in sorted(os.listdir(self.directory)):
-      if TMP_SUFFIX in name:
-        self._log(f'checkpoint: removing {name}, an unfinished save (the '
-                  'run stopped while writing it)')
+    removed = [name for name in sorted(os.listdir(self.directory))
+               if TMP_SUFFIX in name]
+    _sync('listed_unfinished')  # every process has listed them
+    for name in removed:
+      self._log(f'checkpoint: removing {name}, an unfinished save (the '
+                'run stopped while writing it)')
+      if _primary():
         shutil.rmtree(os.path.join(self.directory, name))
-        removed.append(name)
+    _sync('removed_unfinished')
     if removed:
       self._manager.reload()
     return removed
@@ -235,11 +248,14 @@ class Checkpointer:
   def _move_aside(self, step: int) -> None:
     """Moves checkpoint `step` to <workdir>/bad_checkpoints/<step>[.n]."""
     target_dir = os.path.join(self.workdir, BAD_DIR)
-    os.makedirs(target_dir, exist_ok=True)
     target, n = os.path.join(target_dir, str(step)), 1
     while os.path.exists(target):
       target, n = os.path.join(target_dir, f'{step}.{n}'), n + 1
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    _sync(f'move_aside_{step}')  # every process has chosen the target
+    if _primary():
+      os.makedirs(target_dir, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    _sync(f'moved_aside_{step}')
     self._manager.reload()
     self._log(f'checkpoint: moved the bad checkpoint {step} to {target}')
 
@@ -252,6 +268,17 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       self._log(f'warning: closing the checkpoint manager failed '
                 f'({type(e).__name__}: {_first_line(e)})')
+
+
+def _primary() -> bool:
+  """Whether this process changes the checkpoint directory (process 0)."""
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """All processes wait here (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'moejax_checkpoint_{name}')
 
 
 def _first_line(error: BaseException) -> str:

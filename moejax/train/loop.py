@@ -21,6 +21,16 @@ Reliability:
     after it is written, so the last checkpoint stays the last good state.
   * A failed checkpoint write stops the run with CheckpointError; older
     checkpoints are untouched.
+
+Devices and processes: the run lives on a device mesh (`mesh=`; default
+one device). The state is created or restored with the NamedShardings of
+`moejax.sharding.tree_shardings` (a checkpoint restores onto any mesh),
+each process loads only its rows of every global batch
+(`sharding.process_batch_rows`) and `sharding.shard_batch` assembles them.
+With several processes, process 0 alone writes config.json, metrics,
+TensorBoard events and plots; every process runs every step, eval and
+checkpoint save (they are collective), and SIGTERM is agreed on through
+JAX's preemption sync point so all processes save the same step.
 """
 
 from __future__ import annotations
@@ -36,9 +46,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
+from moejax import sharding
 from moejax.models import TransformerLM
 from moejax.models import flops
 from moejax.train import metrics as metrics_lib
@@ -96,19 +108,24 @@ def evaluate(eval_step, params: Any,
     model_state: the TrainState's model_state (read only), if any.
 
   Returns:
-    {'step', 'eval/loss' (token-mean cross-entropy), 'eval/aux_loss',
-    'eval/z_loss', 'eval/drop_fraction', 'eval/max_violation' (batch
-    means), and 'eval/excess_loss' = eval/loss - mean optimal_nll when every
-    example has a finite optimal_nll (synthetic data)}.
+    {'step', 'eval/loss' (token-mean cross-entropy; example-mean for a
+    classifier), 'eval/aux_loss', 'eval/z_loss', 'eval/drop_fraction',
+    'eval/max_violation' (batch means), and 'eval/excess_loss' = eval/loss -
+    mean optimal_nll when every example has a finite optimal_nll (synthetic
+    data, LM only), or 'eval/accuracy' for a classifier}.
   """
   outs = [metrics_lib.to_python(
-      {k: v for k, v in eval_step(params, b['tokens'], model_state).items()
+      {k: v for k, v in eval_step(params, b['tokens'], model_state,
+                                  b.get('domain')).items()
        if not k.startswith('moe/')}) for b in batches]
+  count = max(sum(o['tokens'] for o in outs), 1.0)
   record = {'step': int(step),
-            'eval/loss': sum(o['nll_sum'] for o in outs) /
-                         max(sum(o['tokens'] for o in outs), 1.0)}
+            'eval/loss': sum(o['nll_sum'] for o in outs) / count}
   for key in EVAL_MEAN_KEYS:
     record[f'eval/{key}'] = float(np.mean([o[key] for o in outs]))
+  if 'correct' in outs[0]:  # a classifier: no next-token floor applies
+    record['eval/accuracy'] = sum(o['correct'] for o in outs) / count
+    return record
   optimal = np.concatenate([np.asarray(b['optimal_nll'], np.float64)
                             for b in batches])
   if optimal.size and np.all(np.isfinite(optimal)):
@@ -158,6 +175,22 @@ class _StopFlag:
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
+  def stopping(self, step: int) -> bool:
+    """Whether to save and stop at `step` (call once per step)."""
+    return self.stop
+
+
+class _SyncedStop(_StopFlag):
+  """Several processes: JAX's preemption sync point, where every process
+  stops at the same step after any of them got SIGTERM (the JAX
+  distributed runtime handles the signal; no Python handler)."""
+
+  def __enter__(self):
+    return self
+
+  def stopping(self, step: int) -> bool:
+    return multihost_utils.reached_preemption_sync_point(step)
+
 
 def _is_every(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
@@ -200,26 +233,34 @@ class _FiniteGuard:
 
 
 def _start_state(model, optimizer, input_shape, seed, checkpointer,
-                 metrics_path):
+                 metrics_path, mesh):
   """Restores the newest intact checkpoint (truncating metrics) or
-  initialises when there is no checkpoint at all."""
-  init = state_lib.train_state_initializer(model, optimizer, input_shape)
-  abstract = init.eval_shape(state_lib.init_rng(seed))
+  initialises when there is no checkpoint at all; returns (state, its
+  shardings)."""
+  abstract = state_lib.abstract_train_state(model, optimizer, input_shape,
+                                            mesh)
+  shardings = sharding.tree_shardings(abstract, mesh)
   print(f'train state: {state_lib.tree_bytes(abstract) / 2**20:.2f} MiB '
-        f'(params + optimizer + model state)', flush=True)
-  state = checkpointer.restore_latest_good(abstract)
+        f'(params + optimizer + model state); mesh {dict(mesh.shape)}, '
+        f'{jax.process_count()} process(es)', flush=True)
+  state = checkpointer.restore_latest_good(
+      sharding.abstract_with_shardings(abstract, mesh))
+  primary = jax.process_index() == 0
   if state is None:
     stale = len(metrics_lib.read_metrics(metrics_path))
-    metrics_lib.truncate_metrics(metrics_path, 0)
+    if primary:
+      metrics_lib.truncate_metrics(metrics_path, 0)
     print(f'no checkpoint in {checkpointer.directory}: starting at step 0'
           + (f' (dropped {stale} stale metric records)' if stale else ''),
           flush=True)
-    return state_lib.create_train_state(model, optimizer, input_shape, seed,
-                                        initializer=init)
-  kept = metrics_lib.truncate_metrics(metrics_path, int(state.step))
-  print(f'resumed from step {int(state.step)} ({kept} metric records kept)',
-        flush=True)
-  return state
+    return state_lib.create_train_state(
+        model, optimizer, input_shape, seed, mesh=mesh,
+        initializer=state_lib.train_state_initializer(
+            model, optimizer, input_shape, shardings)), shardings
+  kept = (f' ({metrics_lib.truncate_metrics(metrics_path, int(state.step))}'
+          ' metric records kept)' if primary else '')
+  print(f'resumed from step {int(state.step)}{kept}', flush=True)
+  return state, shardings
 
 
 def _write_config(workdir: str, config: Optional[Mapping[str, Any]]) -> None:
@@ -241,7 +282,8 @@ def train_and_evaluate(
     pad_id: Optional[int] = None, log_every: int = 50, eval_every: int = 200,
     checkpoint_every: int = 500, keep_checkpoints: int = 2,
     config: Optional[Mapping[str, Any]] = None,
-    progress_bar: Optional[bool] = None) -> RunResult:
+    progress_bar: Optional[bool] = None,
+    mesh: Optional[jax.sharding.Mesh] = None) -> RunResult:
   """Trains `model` to `steps`, resuming from `<workdir>/checkpoints`.
 
   Writes `<workdir>/config.json` (if `config`), `metrics.jsonl`,
@@ -253,9 +295,12 @@ def train_and_evaluate(
     model: TransformerLM-like module: apply(vars, tokens [B, L],
       padding_mask=, deterministic=, rngs=) -> (logits [B, L, V], aux).
     workdir: run directory (created).
-    train_loader: object with `.batch(t)` -> {'tokens': [B, L + 1] int32},
-      `.seq_len` (L) and `.batch_size` (B).
-    eval_data: fixed eval batches like the train ones plus 'optimal_nll'.
+    train_loader: object with `.batch(t)` -> {'tokens': [b, L + 1] int32},
+      `.seq_len` (L) and `.batch_size` (B, global); b = B, or with several
+      processes this process's `sharding.process_batch_rows` (a
+      data.BatchLoader's `process_index` / `process_count` must match).
+    eval_data: fixed eval batches like the train ones plus 'optimal_nll'
+      (this process's rows too).
     steps: total number of updates.
     seed: run seed (param init and step RNGs).
     optimizer: optax transformation (see `optim.make_optimizer`).
@@ -269,6 +314,8 @@ def train_and_evaluate(
     keep_checkpoints: checkpoints kept on disk.
     config: resolved config written to config.json (JSON-serialisable).
     progress_bar: tqdm bar; default whether stderr is a tty.
+    mesh: the device mesh (`sharding.make_mesh`); default the first device.
+      With several processes it must span all their devices.
 
   Returns:
     RunResult.
@@ -282,36 +329,46 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   if isinstance(model, TransformerLM):
     print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
+  mesh = mesh if mesh is not None else sharding.make_mesh(
+      devices=jax.devices()[:1])
+  place = _Placement(mesh, train_loader)
+  primary = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, keep_checkpoints)
   input_shape = (train_loader.batch_size, train_loader.seq_len)
   metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
-  with _StopFlag() as stop:  # from here on SIGTERM means "save and return"
-    state = _start_state(model, optimizer, input_shape, seed, checkpointer,
-                         metrics_path)
+  stop_flag = _SyncedStop() if jax.process_count() > 1 else _StopFlag()
+  with stop_flag as stop:  # from here on SIGTERM means "save and return"
+    state, shardings = _start_state(model, optimizer, input_shape, seed,
+                                    checkpointer, metrics_path, mesh)
     # Only now: a run refused at restore keeps the config its checkpoints
     # were made with.
-    _write_config(workdir, config)
+    if primary:
+      _write_config(workdir, config)
+    on_mesh = dict(mesh=mesh, state_shardings=shardings)
     loop = _Loop(
         train_step=step_lib.make_train_step(
             model, optimizer, seed=seed, aux_loss_weight=aux_loss_weight,
             z_loss_weight=z_loss_weight, pad_id=pad_id,
-            learning_rate_fn=learning_rate_fn),
+            learning_rate_fn=learning_rate_fn, **on_mesh),
         eval_step=step_lib.make_eval_step(
             model, aux_loss_weight=aux_loss_weight,
-            z_loss_weight=z_loss_weight, pad_id=pad_id),
-        eval_data=eval_data, checkpointer=checkpointer,
+            z_loss_weight=z_loss_weight, pad_id=pad_id, **on_mesh),
+        eval_data=place.eval_batches(eval_data), checkpointer=checkpointer,
         guard=_FiniteGuard(checkpointer),
-        writer=metrics_lib.MetricsWriter(workdir), steps=steps,
-        every=(log_every, eval_every, checkpoint_every),
-        tokens_per_step=input_shape[0] * input_shape[1])
-    progress = metrics_lib.Progress(steps, int(state.step), progress_bar)
+        writer=metrics_lib.MetricsWriter(workdir) if primary else None,
+        steps=steps, every=(log_every, eval_every, checkpoint_every),
+        tokens_per_step=input_shape[0] * input_shape[1], place=place)
+    progress = metrics_lib.Progress(steps, int(state.step),
+                                    progress_bar if primary else False)
     try:
       result = loop.run(state, train_loader, progress, stop)
     finally:
       progress.close()
-      loop.writer.close()
+      if loop.writer is not None:
+        loop.writer.close()
       checkpointer.close()
-  plots.plot_run(workdir, metrics_lib.read_metrics(metrics_path))
+  if primary:
+    plots.plot_run(workdir, metrics_lib.read_metrics(metrics_path))
   if result.preempted:
     print(f'SIGTERM: saved a checkpoint at step {result.step}', flush=True)
   return result
@@ -325,10 +382,11 @@ class _Loop:
   eval_data: Sequence[Mapping[str, np.ndarray]]
   checkpointer: Checkpointer
   guard: _FiniteGuard
-  writer: metrics_lib.MetricsWriter
+  writer: Optional[metrics_lib.MetricsWriter]  # None: not process 0
   steps: int
   every: tuple[int, int, int]  # log, eval, checkpoint
   tokens_per_step: int
+  place: '_Placement'
 
   def run(self, state, train_loader, progress, stop) -> RunResult:
     """Runs steps int(state.step) .. self.steps - 1."""
@@ -349,11 +407,13 @@ class _Loop:
     log_every, eval_every, ckpt_every = self.every
     tick, tick_step = time.time(), start
     for t in range(start, self.steps):
-      state, metrics = self.train_step(state, next(batches)['tokens'])
+      batch = self.place.batch(next(batches))
+      state, metrics = self.train_step(state, batch['tokens'],
+                                       batch.get('domain'))
       s = t + 1
       # Read the flag once: SIGTERM may set it at any moment, and a stop
       # must always come with its checkpoint.
-      stopping = stop.stop
+      stopping = stop.stopping(s)
       self.guard.add(s, metrics)
       progress.advance(s)
       do_log = _is_every(s, log_every, self.steps)
@@ -380,5 +440,55 @@ class _Loop:
     return RunResult(state, int(state.step), False, last_eval)
 
   def _write(self, record, progress) -> None:
-    self.writer.write(record)
-    progress.log(record)
+    if self.writer is not None:
+      self.writer.write(record)
+      progress.log(record)
+
+
+class _Placement:
+  """Puts this process's rows of global batches onto the mesh.
+
+  Args (constructor):
+    mesh: the device mesh.
+    loader: the train loader; its `.batch_size` is the global B. A loader
+      with `process_index` / `process_count` (data.BatchLoader) must load
+      exactly this process's `sharding.process_batch_rows`.
+  """
+
+  KEYS = ('tokens', 'domain')  # what the steps read; 'domain': labels
+
+  def __init__(self, mesh: jax.sharding.Mesh, loader: Any):
+    self.mesh, self.batch_size = mesh, loader.batch_size
+    rows = sharding.process_batch_rows(mesh, self.batch_size)
+    if hasattr(loader, 'process_index'):
+      local = self.batch_size // loader.process_count
+      mine = slice(loader.process_index * local,
+                   (loader.process_index + 1) * local)
+      if mine != rows:
+        raise ValueError(
+            f'this process loads rows {mine.start}:{mine.stop} of each '
+            f'global batch of {self.batch_size}, but its devices hold rows '
+            f'{rows.start}:{rows.stop}; build the loader with process_index'
+            f' = {rows.start // (rows.stop - rows.start)}, process_count = '
+            f'{self.batch_size // (rows.stop - rows.start)}.')
+
+  def batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """{'tokens': [b, L + 1], 'domain': [b], ...} host rows -> global
+    {'tokens': [B, L + 1], 'domain': [B]} split over the batch axes."""
+    return sharding.shard_batch({k: batch[k] for k in self.KEYS if k in batch},
+                                self.mesh, self.batch_size)
+
+  def eval_batches(self, batches: Sequence[Mapping[str, np.ndarray]]
+                   ) -> list[dict[str, Any]]:
+    """Eval batches placed once; 'optimal_nll' [B] of the global batch as a
+    host array (gathered from every process), for eval/excess_loss."""
+    out = []
+    for b in batches:
+      placed = self.batch(b)
+      if 'optimal_nll' in b:
+        nll = np.asarray(b['optimal_nll'])
+        if jax.process_count() > 1:
+          nll = multihost_utils.process_allgather(nll, tiled=True)
+        placed['optimal_nll'] = nll
+      out.append(placed)
+    return out

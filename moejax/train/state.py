@@ -4,6 +4,14 @@
 shapes (and a checkpoint restore target) are known before any parameter is
 allocated; `create_train_state` then initialises for real under `jax.jit`.
 
+On a device mesh (`mesh=`), every leaf is created directly with its
+NamedSharding from `moejax.sharding.tree_shardings` (nothing is gathered on
+one device first), and the model is traced under `jax.set_mesh(mesh)` so
+its MoE layers run expert-parallel. The init key is a threefry key
+(`jax.random.key`, partitionable threefry: JAX's default), whose draws do
+not depend on how they are partitioned: the initial values are the same on
+every mesh.
+
 Model state: every variable collection `model.init` returns besides
 'params' (e.g. 'moe_state', where loss-free balancing keeps its per-layer
 bias) is non-parameter state. It lives in `TrainState.model_state`, outside
@@ -13,13 +21,16 @@ train step lets the model update it (`mutable=`), eval reads it.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from moejax import sharding
 
 
 @flax.struct.dataclass
@@ -68,9 +79,16 @@ def _init_fn(model: nn.Module, optimizer: optax.GradientTransformation,
   return init
 
 
+def in_mesh(mesh: Optional[jax.sharding.Mesh]):
+  """`jax.set_mesh(mesh)`, or a no-op context for mesh=None."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
 def abstract_train_state(model: nn.Module,
                          optimizer: optax.GradientTransformation,
-                         input_shape: tuple[int, int]) -> TrainState:
+                         input_shape: tuple[int, int],
+                         mesh: Optional[jax.sharding.Mesh] = None
+                         ) -> TrainState:
   """Shapes and dtypes of the TrainState, without allocating anything.
 
   Args:
@@ -78,17 +96,22 @@ def abstract_train_state(model: nn.Module,
     optimizer: the optax transformation.
     input_shape: (B, L) of the dummy init input, e.g. the training batch
       shape (B * L must be a multiple of any MoE group size).
+    mesh: trace under this mesh (raises the MoE layers' ValueErrors when the
+      model does not fit it); the shapes do not depend on it.
 
   Returns:
-    A TrainState of jax.ShapeDtypeStruct leaves.
+    A TrainState of jax.ShapeDtypeStruct leaves (no shardings; see
+    `sharding.abstract_with_shardings`).
   """
-  return jax.eval_shape(_init_fn(model, optimizer, input_shape),
-                        jax.random.key(0))
+  with in_mesh(mesh):
+    return jax.eval_shape(_init_fn(model, optimizer, input_shape),
+                          jax.random.key(0))
 
 
 def train_state_initializer(model: nn.Module,
                             optimizer: optax.GradientTransformation,
-                            input_shape: tuple[int, int]):
+                            input_shape: tuple[int, int],
+                            shardings: Optional[TrainState] = None):
   """The jitted rng -> TrainState initialiser of a run.
 
   `init.eval_shape(rng)` gives the abstract state and a later `init(rng)`
@@ -98,17 +121,23 @@ def train_state_initializer(model: nn.Module,
     model: the flax module.
     optimizer: the optax transformation.
     input_shape: (B, L) of the dummy init input.
+    shardings: a TrainState of NamedShardings (`sharding.tree_shardings`
+      of the abstract state) to create the leaves with; call the
+      initialiser under `jax.set_mesh` of their mesh.
 
   Returns:
     A jitted function of the init key (see `init_rng`).
   """
-  return jax.jit(_init_fn(model, optimizer, input_shape))
+  return jax.jit(_init_fn(model, optimizer, input_shape),
+                 out_shardings=shardings)
 
 
 def create_train_state(model: nn.Module,
                        optimizer: optax.GradientTransformation,
                        input_shape: tuple[int, int], seed: int,
-                       initializer=None) -> TrainState:
+                       initializer=None,
+                       mesh: Optional[jax.sharding.Mesh] = None
+                       ) -> TrainState:
   """Initialises params (from `init_rng(seed)`) and the optimizer state.
 
   Args:
@@ -117,12 +146,23 @@ def create_train_state(model: nn.Module,
     input_shape: (B, L) of the dummy init input.
     seed: run seed.
     initializer: `train_state_initializer(model, optimizer, input_shape)`
-      if the caller already has it.
+      if the caller already has it (with mesh: made with the mesh's
+      shardings).
+    mesh: create the state sharded over this mesh
+      (`sharding.tree_shardings`); the values do not depend on it.
 
   Returns:
     A TrainState at step 0 (model_state as `model.init` made it), committed
-    to the first device.
+    to the first device, or laid out over `mesh`.
   """
+  if mesh is not None:
+    if initializer is None:
+      abstract = abstract_train_state(model, optimizer, input_shape, mesh)
+      initializer = train_state_initializer(
+          model, optimizer, input_shape,
+          sharding.tree_shardings(abstract, mesh))
+    with jax.set_mesh(mesh):
+      return initializer(init_rng(seed))
   init = initializer or train_state_initializer(model, optimizer,
                                                 input_shape)
   state = init(init_rng(seed))

@@ -8,9 +8,13 @@ A batch is `tokens` [B, L + 1] int32: inputs `tokens[:, :-1]`, targets
     lm_loss + aux_loss_weight * aux['aux_loss'] + z_loss_weight * aux['z_loss']
 
 where lm_loss is the mean next-token cross-entropy over the non-padding
-target positions. The train step's RNG is `fold_in(key(seed), step)`, so a
-step is a pure function of (state, batch, seed): resumed runs are bitwise
-identical to uninterrupted ones.
+target positions. For a classifier (`model.task == 'classify'`, e.g.
+`EncoderClassifier`) the inputs are the same `tokens[:, :-1]`, the targets
+are per-example `labels` [B] (the synthetic mixture's domain ids), and
+'lm_loss' holds the mean classification cross-entropy; the metrics add
+'correct' (number of right argmax predictions). The train step's RNG is
+`fold_in(key(seed), step)`, so a step is a pure function of (state,
+batch, seed): resumed runs are bitwise identical to uninterrupted ones.
 
 The train step applies the model with its non-'params' collections
 (`TrainState.model_state`, e.g. 'moe_state') mutable and stores their new
@@ -31,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax import sharding
 from moejax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -102,18 +108,40 @@ def layer_metrics(aux: dict, prefix: str = 'moe') -> Metrics:
           for name, value in layer.items()}
 
 
+def _task_loss(model: nn.Module, logits: jax.Array, tokens: jax.Array,
+               labels: Optional[jax.Array], pad_id: Optional[int]) -> Metrics:
+  """The task's summed loss and count: LM next-token or classification.
+
+  Returns:
+    {'nll_sum', 'tokens' (targets or examples counted)} and, for
+    classification, 'correct'.
+  """
+  if getattr(model, 'task', 'lm') != 'classify':
+    _, targets, weights, _ = split_tokens(tokens, pad_id)
+    nll_sum, count = cross_entropy(logits, targets, weights)
+    return {'nll_sum': nll_sum, 'tokens': count}
+  if labels is None:
+    raise ValueError('a classification model needs labels [B] (the batch '
+                     "'domain' ids).")
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return {'nll_sum': jnp.sum(nll),
+          'tokens': jnp.asarray(labels.shape[0], jnp.float32),
+          'correct': jnp.sum(correct.astype(jnp.float32))}
+
+
 def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
                 deterministic: bool, rng: Optional[jax.Array],
                 aux_loss_weight: float, z_loss_weight: float,
                 pad_id: Optional[int], model_state: Optional[dict],
-                update_state: bool):
+                update_state: bool, labels: Optional[jax.Array] = None):
   """compute_loss, plus the model state after the forward pass.
 
   Returns:
     (loss, (metrics, new model_state)); new model_state is `model_state`
     itself unless `update_state` and it is non-empty.
   """
-  inputs, targets, weights, padding_mask = split_tokens(tokens, pad_id)
+  inputs, _, _, padding_mask = split_tokens(tokens, pad_id)
   rngs = {'router': rng} if rng is not None else {}
   model_state = dict(model_state or {})
   variables = {'params': params, **model_state}
@@ -125,12 +153,11 @@ def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
     new_state = {**model_state, **flax.core.unfreeze(new_state)}
   else:
     (logits, aux), new_state = out, model_state
-  nll_sum, count = cross_entropy(logits, targets, weights)
-  lm_loss = nll_sum / jnp.maximum(count, 1.0)
+  metrics = _task_loss(model, logits, tokens, labels, pad_id)
+  lm_loss = metrics['nll_sum'] / jnp.maximum(metrics['tokens'], 1.0)
   loss = (lm_loss + aux_loss_weight * aux['aux_loss'] +
           z_loss_weight * aux['z_loss'])
-  metrics = {'loss': loss, 'lm_loss': lm_loss, 'nll_sum': nll_sum,
-             'tokens': count}
+  metrics.update(loss=loss, lm_loss=lm_loss)
   for key in ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation'):
     metrics[key] = aux[key]
   metrics.update(layer_metrics(aux))
@@ -141,13 +168,15 @@ def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
                  deterministic: bool, rng: Optional[jax.Array] = None,
                  aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
                  pad_id: Optional[int] = None,
-                 model_state: Optional[dict] = None
+                 model_state: Optional[dict] = None,
+                 labels: Optional[jax.Array] = None
                  ) -> tuple[jax.Array, Metrics]:
   """Total training loss of one batch and its parts.
 
   Args:
     params: the model's params.
-    model: a TransformerLM-like module returning (logits [B, L, V], aux).
+    model: a TransformerLM-like module returning (logits [B, L, V], aux),
+      or a classifier (`task == 'classify'`) returning (logits [B, N], aux).
     tokens: [B, L + 1] int32.
     deterministic: eval mode of the MoE layers.
     rng: 'router' key (needed when deterministic=False).
@@ -155,16 +184,19 @@ def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
     z_loss_weight: weight of aux['z_loss'].
     pad_id: padding token id or None.
     model_state: the model's non-'params' collections (read only here).
+    labels: [B] int32 class ids (classifiers only).
 
   Returns:
-    loss (float32 scalar) and metrics: 'loss', 'lm_loss', 'aux_loss',
-    'z_loss', 'drop_fraction', 'max_violation', 'nll_sum', 'tokens', plus
-    the per-layer 'moe/...' entries.
+    loss (float32 scalar) and metrics: 'loss', 'lm_loss' (the task loss),
+    'aux_loss', 'z_loss', 'drop_fraction', 'max_violation', 'nll_sum',
+    'tokens', ('correct' for classifiers), plus the per-layer 'moe/...'
+    entries.
   """
   loss, (metrics, _) = _apply_loss(
       params, model, tokens, deterministic=deterministic, rng=rng,
       aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
-      pad_id=pad_id, model_state=model_state, update_state=False)
+      pad_id=pad_id, model_state=model_state, update_state=False,
+      labels=labels)
   return loss, metrics
 
 
@@ -208,13 +240,19 @@ def finite_flags(metrics: Metrics, grads: Any, params: Any,
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     *, seed: int, aux_loss_weight: float = 0.0,
                     z_loss_weight: float = 0.0, pad_id: Optional[int] = None,
-                    learning_rate_fn: Optional[optax.Schedule] = None
+                    learning_rate_fn: Optional[optax.Schedule] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    state_shardings: Optional[TrainState] = None
                     ) -> Callable[[TrainState, jax.Array],
                                   tuple[TrainState, Metrics]]:
   """Builds the jitted train step (the state argument is donated).
 
   The model runs with deterministic=False, its non-'params' collections
   (`state.model_state`) mutable; their new values go into the new state.
+  On a mesh, the step is traced and run under `jax.set_mesh(mesh)` (MoE
+  layers run expert-parallel), takes the state with `state_shardings` and
+  tokens / labels split over the batch axes (`sharding.shard_batch`), and
+  returns the state with the same shardings and the metrics replicated.
 
   Args:
     model: the flax module.
@@ -224,23 +262,30 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     z_loss_weight: weight of the router z-loss.
     pad_id: padding token id or None.
     learning_rate_fn: schedule, only to report 'learning_rate'.
+    mesh: the device mesh, or None (no shardings given: JAX places it).
+    state_shardings: with mesh, the TrainState of NamedShardings
+      (`sharding.tree_shardings` of the abstract state).
 
   Returns:
-    step(state, tokens [B, L + 1]) -> (new state, metrics) where metrics
+    step(state, tokens [B, L + 1], labels=None) -> (new state, metrics)
+    (labels [B] are used by classifiers only) where metrics
     holds the compute_loss metrics (per-layer ones too), 'grad_norm'
     (before clipping), 'param_norm' (after the update), 'learning_rate',
     and the `finite_flags` ('all_finite', 'finite/...'). The update is
     applied even when it is not finite: the caller must check
     'all_finite' before using the new state (see loop.py).
+    `step.lower(state, tokens, labels=None)` gives the jax.stages.Lowered
+    program (arguments may be ShapeDtypeStructs).
   """
 
-  def train_step(state: TrainState, tokens: jax.Array, seed_: jax.Array):
+  def train_step(state: TrainState, tokens: jax.Array, seed_: jax.Array,
+                 labels: Optional[jax.Array]):
     """One AdamW update on tokens [B, L + 1]; returns (state, metrics)."""
     loss_fn = lambda p: _apply_loss(
         p, model, tokens, deterministic=False,
         rng=step_rng(seed_, state.step), aux_loss_weight=aux_loss_weight,
         z_loss_weight=z_loss_weight, pad_id=pad_id,
-        model_state=state.model_state, update_state=True)
+        model_state=state.model_state, update_state=True, labels=labels)
     grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state,
@@ -258,18 +303,29 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
   # The seed is an argument, not a compile-time constant: runs that differ
   # only in their seed (seed sweeps) share one compiled program.
-  jitted = jax.jit(train_step, donate_argnums=0)
+  jitted = _jit(train_step, mesh, (state_shardings, 'batch', 'replicated',
+                                   'batch'),
+                (state_shardings, 'replicated'), donate_argnums=0)
   seed_array = np.uint32(seed)
 
-  def step(state: TrainState, tokens: jax.Array):
-    """step(state, tokens [B, L + 1]) -> (new state, metrics)."""
-    return jitted(state, tokens, seed_array)
+  classify = getattr(model, 'task', 'lm') == 'classify'
 
+  def step(state: TrainState, tokens: jax.Array,
+           labels: Optional[jax.Array] = None):
+    """step(state, tokens [B, L + 1], labels [B] for classifiers)."""
+    return jitted(state, tokens, seed_array, labels if classify else None)
+
+  # step.lower(state, tokens[, labels]): the jax.stages.Lowered program
+  # (arrays or ShapeDtypeStructs), e.g. to read the compiled collectives.
+  step.lower = lambda state, tokens, labels=None: jitted.lower(
+      state, tokens, seed_array, labels if classify else None)
   return step
 
 
 def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
-                   z_loss_weight: float = 0.0, pad_id: Optional[int] = None
+                   z_loss_weight: float = 0.0, pad_id: Optional[int] = None,
+                   mesh: Optional[jax.sharding.Mesh] = None,
+                   state_shardings: Optional[TrainState] = None
                    ) -> Callable[..., Metrics]:
   """Builds the jitted eval step (deterministic=True: eval capacity factor).
 
@@ -278,21 +334,76 @@ def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
     aux_loss_weight: as in training (for the reported total 'loss').
     z_loss_weight: as in training.
     pad_id: padding token id or None.
+    mesh: the device mesh, or None (see make_train_step).
+    state_shardings: with mesh, the TrainState of NamedShardings; params
+      and model_state must come with its `params` / `model_state` ones,
+      tokens and labels split over the batch axes. The metrics come back
+      replicated.
 
   Returns:
-    step(params, tokens [B, L + 1], model_state=None) -> the compute_loss
-    metrics of the batch; model_state (the TrainState's) is read only.
+    step(params, tokens [B, L + 1], model_state=None, labels=None) -> the
+    compute_loss metrics of the batch; model_state (the TrainState's) is
+    read only; labels [B] are used by classifiers only.
   """
 
   def eval_step(params: Any, tokens: jax.Array,
-                model_state: Optional[dict] = None) -> Metrics:
+                model_state: Optional[dict], labels: Optional[jax.Array]
+                ) -> Metrics:
     """Deterministic metrics of tokens [B, L + 1]."""
     return compute_loss(params, model, tokens, deterministic=True,
                         aux_loss_weight=aux_loss_weight,
                         z_loss_weight=z_loss_weight, pad_id=pad_id,
-                        model_state=model_state)[1]
+                        model_state=model_state, labels=labels)[1]
 
-  return jax.jit(eval_step)
+  jitted = _jit(eval_step, mesh, (
+      getattr(state_shardings, 'params', None), 'batch',
+      getattr(state_shardings, 'model_state', None), 'batch'), 'replicated')
+  classify = getattr(model, 'task', 'lm') == 'classify'
+
+  def step(params: Any, tokens: jax.Array,
+           model_state: Optional[dict] = None,
+           labels: Optional[jax.Array] = None) -> Metrics:
+    return jitted(params, tokens, model_state, labels if classify else None)
+
+  return step
+
+
+def _jit(fn: Callable, mesh: Optional[jax.sharding.Mesh], in_shardings,
+         out_shardings, **kwargs) -> Callable:
+  """jax.jit(fn), or on a mesh: with shardings, traced and run in the mesh.
+
+  Args:
+    fn: the function.
+    mesh: the device mesh, or None (plain jax.jit; shardings ignored).
+      The result's `.lower(*args)` lowers in the mesh too.
+    in_shardings: per argument: a sharding tree, 'batch' (leading axis
+      over `sharding.batch_axes`) or 'replicated'.
+    out_shardings: the same for the outputs.
+    **kwargs: more jax.jit arguments (donate_argnums).
+
+  Returns:
+    The jitted function.
+  """
+  if mesh is None:
+    return jax.jit(fn, **kwargs)
+  named = {'batch': sharding.batch_sharding(mesh),
+           'replicated': NamedSharding(mesh, P())}
+  resolve = lambda s: named[s] if isinstance(s, str) else s
+  jitted = jax.jit(fn, in_shardings=tuple(map(resolve, in_shardings)),
+                   out_shardings=(tuple(map(resolve, out_shardings))
+                                  if isinstance(out_shardings, tuple)
+                                  else resolve(out_shardings)), **kwargs)
+
+  def call(*args):
+    with jax.set_mesh(mesh):  # MoE layers see the mesh when traced
+      return jitted(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args)
+
+  call.lower = lower
+  return call
 
 
 def _natural_key(name: str):

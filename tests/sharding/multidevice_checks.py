@@ -147,6 +147,10 @@ def test_hlo_has_all_to_all_and_no_expert_weight_all_gather(mesh_shape):
   full = {f'f32[{E},{D},{f}]' for f in (F, f_shard)} | {
       f'f32[{E},{f},{D}]' for f in (F, f_shard)}  # wi*, wo
   assert not any(shape.split('{')[0] in full for shape in gathered), gathered
+  # Stronger: nothing at all is all-gathered. The batch-sharded routing
+  # decision and buffers stay on their devices; only the all-to-alls (and
+  # the psum over 'model') move data.
+  assert counts['all-gather'] == 0, counts
   if mesh_shape[2] > 1:  # the psum over 'model' after wo
     assert counts['all-reduce'] >= 1
 

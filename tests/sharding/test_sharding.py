@@ -2,8 +2,10 @@
 multi-device checks, run in a subprocess with 8 fake CPU devices.
 
 The rest of the suite sees 1 device, so everything here that needs 8 runs in
-`multidevice_checks.py`, started by `test_multidevice_checks` with the
-environment JAX needs before it starts.
+`multidevice_checks.py` (the layer) and `trainer_checks.py` (the trainer on
+a mesh, and 2 processes x 4 devices with jax.distributed), started by
+`test_multidevice_checks` in one subprocess with the environment JAX needs
+before it starts.
 """
 # pylint: disable=protected-access
 
@@ -26,8 +28,10 @@ from moejax.models.transformer import TransformerLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
-CHECKS = os.path.join('tests', 'sharding', 'multidevice_checks.py')
-NUM_CHECKS = 14  # tests in multidevice_checks.py, parametrized cases counted
+CHECKS = [os.path.join('tests', 'sharding', name)
+          for name in ('multidevice_checks.py', 'trainer_checks.py')]
+# Tests in CHECKS, parametrized cases counted: 14 layer + 6 trainer.
+NUM_CHECKS = 20
 
 
 def test_multidevice_checks():
@@ -37,7 +41,7 @@ def test_multidevice_checks():
              JAX_PLATFORMS='cpu')
   # timeout -s KILL: JAX traps SIGTERM; a hung collective must not hang CI.
   cmd = ['timeout', '-s', 'KILL', '600', sys.executable, '-m', 'pytest',
-         '-q', '-p', 'no:cacheprovider', '-rs', CHECKS]
+         '-q', '-p', 'no:cacheprovider', '-rs', *CHECKS]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
                         text=True, check=False)
   out = proc.stdout + proc.stderr

@@ -93,6 +93,28 @@ BAD = [
     ('causal', 'switch', 'model.moe.priority', 'score',
      ["model.moe.priority='score'", "'choice' or 'token'",
       'model.moe.allow_noncausal_routing=True']),
+    ('causal', 'switch', 'model.moe.router', 'expert_choice',
+     ["model.moe.router='expert_choice'", "router='topk'",
+      'model.moe.allow_noncausal_routing=True']),
+    ('causal', 'switch', 'model.moe.router', 'soft_moe',
+     ["model.moe.router='soft_moe'", "router='topk'"]),
+    # router options
+    ('unknown', 'switch', 'model.task', 'seq2seq',
+     ["model.task='seq2seq'", "'lm', 'classify'"]),
+    ('contradiction', 'expert_choice', 'model.moe.top_k', '2',
+     ['model.moe.top_k=2', "router='topk' only", 'leave it at 1']),
+    ('contradiction', 'deepseek', 'model.moe.granularity', '3',
+     ['model.d_ff=64', 'model.moe.granularity=3']),
+    ('contradiction', 'deepseek', 'model.moe.num_groups', '3',
+     ['model.moe.num_groups=3 must divide the 8']),
+    ('contradiction', 'deepseek', 'model.moe.topk_groups', '4',
+     ['model.moe.topk_groups=4 must be <= model.moe.num_groups=2']),
+    ('range', 'deepseek', 'model.moe.bias_update_rate', '-0.1',
+     ['model.moe.bias_update_rate', '>= 0']),
+    ('range', 'soft_moe', 'model.moe.slots_per_expert', '0',
+     ['model.moe.slots_per_expert', 'must be an int >= 1']),
+    ('contradiction', 'soft_moe', 'model.moe.dispatcher', 'ragged',
+     ["dispatcher='ragged'", "'gather', 'einsum'"]),
     # dense config with MoE-only keys set
     ('dense+moe', 'dense', 'model.moe.top_k', '2',
      ['model.moe.top_k=2 is an MoE-only setting',
@@ -103,8 +125,44 @@ BAD = [
      ["model.moe.priority='score' is an MoE-only setting",
       "the default 'choice'"]),
 ]
-# Mesh / device-count mismatches (experts not divisible by the expert mesh
-# axis, ...) come with the sharding work and its config keys.
+# The device mesh and jax.distributed (these tests run with 1 device, so a
+# mesh of 2 is larger than the devices available).
+BAD += [
+    ('mesh', 'switch', 'mesh.expert', '3',
+     ['model.moe.num_experts=4 must be divisible by mesh.expert=3',
+      'allowed mesh.expert values: divisors or multiples of 4']),
+    ('mesh', 'switch', 'mesh.expert', '6',
+     ['mesh.expert=6 is larger than model.moe.num_experts=4 and must then '
+      'be a multiple of it']),
+    ('mesh', 'dense', 'mesh.data', '8',
+     ['train.batch_size=4 must be divisible by the batch shards mesh.data * '
+      'mesh.expert = 8']),
+    ('mesh', 'switch', 'mesh.expert', '2',
+     ['the mesh (mesh.data=1, mesh.expert=2, mesh.model=1) needs 2 devices '
+      'but only 1 are available', 'mesh.data * mesh.expert * mesh.model <= '
+      '1']),
+    ('mesh', 'dense', 'mesh.model', '0',
+     ['mesh.model=0 must be an int >= 1, or -1']),
+    ('mesh', 'dense', 'distributed.process_id', '1',
+     ['distributed.process_id=1 is set but jax.distributed is not started',
+      "distributed.coordinator_address='host:port'"]),
+    ('mesh', 'dense', 'distributed.coordinator_address', 'localhost',
+     ["distributed.coordinator_address='localhost'", "'host:port' of "
+      'process 0']),
+    ('mesh', 'dense', 'distributed.num_processes', '0',
+     ['distributed.num_processes=0', 'None or an int >= 1']),
+]
+# Mesh errors that need two keys: (config, overrides, expected texts).
+BAD_MESH_PAIRS = [
+    # B=4 sequences of L=16 in groups of S=32: G = 4 * 16 / 32 = 2 groups,
+    # not divisible by the 4 batch shards (B = 4 is).
+    ('switch', {'mesh.data': 4, 'model.moe.group_size': 32},
+     ['G=2 groups', 'must be divisible by the batch shards mesh.data * '
+      'mesh.expert = 4']),
+    ('dense', {'mesh.data': -1, 'mesh.expert': -1},
+     ['only one of mesh.data, mesh.expert, mesh.model may be -1; got -1 for '
+      'mesh.data, mesh.expert']),
+]
 
 
 @pytest.fixture
@@ -125,7 +183,7 @@ def compile_events():
 def test_the_table_is_distinct_and_covers_every_category():
   assert len({(b[1], b[2], b[3]) for b in BAD}) == len(BAD) >= 20
   assert {b[0] for b in BAD} == {'type', 'range', 'unknown', 'contradiction',
-                                 'causal', 'dense+moe'}
+                                 'causal', 'dense+moe', 'mesh'}
 
 
 @pytest.mark.parametrize('category,config,key,value,expected', BAD,
@@ -146,6 +204,21 @@ def test_bad_config_exits_2_naming_the_key(category, config, key, value,
   assert not compile_events
 
 
+@pytest.mark.parametrize('config,overrides,expected', BAD_MESH_PAIRS)
+def test_bad_mesh_exits_2_naming_the_keys(config, overrides, expected,
+                                          data_dir, tmp_path, capsys,
+                                          compile_events):
+  workdir = tmp_path / 'run'
+  argv = helpers.small_args(config, str(workdir), data_dir) + [
+      f'--config.{k}={v}' for k, v in overrides.items()]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  for text in expected:
+    assert text in err, (text, err)
+  assert not workdir.exists()
+  assert not compile_events
+
+
 def test_unknown_key_in_a_config_file(data_dir, tmp_path, capsys,
                                       compile_events):
   path = tmp_path / 'extra_key.py'
@@ -153,13 +226,13 @@ def test_unknown_key_in_a_config_file(data_dir, tmp_path, capsys,
       'from configs import base\n\n'
       'def get_config(arg=None):\n'
       '  c = base.sized_config(arg, dict(num_experts=4))\n'
-      '  c.model.moe.num_shared_experts = 1\n'
+      '  c.model.moe.num_shared_expert = 1\n'
       '  return c\n')
   argv = helpers.small_args('switch', str(tmp_path / 'run'), data_dir)
   argv[0] = f'--config={path}:tiny'
   assert train.main(argv) == 2
   err = capsys.readouterr().err
-  assert "unknown config key 'model.moe.num_shared_experts'" in err, err
+  assert "unknown config key 'model.moe.num_shared_expert'" in err, err
   assert not compile_events
 
 
@@ -221,3 +294,13 @@ def test_resuming_with_another_config_is_refused(data_dir, tmp_path,
   assert '\n  model.d_model: 32 -> 64\n  train.steps: 40 -> 50\n' in err
   assert sorted(os.listdir(workdir)) == ['config.json']
   assert not compile_events
+
+
+def test_classifier_needs_domain_labels(tmp_path):
+  config = config_lib.load_config(
+      os.path.join(helpers.REPO, 'configs', 'expert_choice.py') + ':tiny')
+  config.data.name = 'local_text'
+  config.data.pattern = str(tmp_path / '*.txt')
+  with pytest.raises(ValueError, match="data.name='local_text'") as info:
+    config_lib.validate_config(config)
+  assert "data.name='synthetic_mixture'" in str(info.value)

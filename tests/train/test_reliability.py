@@ -99,8 +99,8 @@ def test_nan_stops_then_failed_save_then_resume_is_exact(
   build_data = config_lib.build_data
 
   # 1. A NaN from batch 13 (the update to step 14) stops the run.
-  def poisoned(config):
-    loader, evals = build_data(config)
+  def poisoned(config, rows=None):
+    loader, evals = build_data(config, rows)
     return _PoisonAt(loader, 13, helpers.DATA['vocab_size']), evals
 
   monkeypatch.setattr(config_lib, 'build_data', poisoned)

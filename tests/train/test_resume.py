@@ -52,8 +52,8 @@ def test_sigterm_in_process_then_resume_and_override_is_exact(
   argv = helpers.reference_argv(workdir, data_dir)
   build_data = config_lib.build_data
 
-  def interrupted(config):
-    loader, evals = build_data(config)
+  def interrupted(config, rows=None):
+    loader, evals = build_data(config, rows)
     return _SigtermAt(loader, 14), evals
 
   monkeypatch.setattr(config_lib, 'build_data', interrupted)

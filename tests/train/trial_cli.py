@@ -60,9 +60,9 @@ def main() -> int:
     if options[0] == '--step_delay':
       delay = float(options[1])
       build_data = config_lib.build_data
-      config_lib.build_data = lambda config: (
+      config_lib.build_data = lambda config, rows=None: (
           lambda loader, evals: (_SlowLoader(loader, delay), evals))(
-              *build_data(config))
+              *build_data(config, rows))
       options = options[2:]
     elif options[0] == '--pause_save':
       _pause_save(options[1], options[2])
