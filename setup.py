@@ -33,6 +33,9 @@ setuptools.setup(
             # kernel: nbclient (Jupyter's own executor) + nbformat to read
             # and validate them, ipykernel for the kernel.
             'nbclient', 'nbformat', 'ipykernel',
+            # pytest -n 2: the suite is compile-bound (XLA on CPU is mostly
+            # single-threaded), so two workers on two cores ~halve it.
+            'pytest-xdist',
         ],
     },
 )
