@@ -37,24 +37,27 @@ def _input_names(activation: str):
 
 
 def _ffn(module: nn.Module, x: jax.Array, in_shape, out_shape, init,
-         spec_in: str, spec_out: str) -> jax.Array:
-  """The FFN shared by ExpertBank and DenseFfn, inside `module`'s scope.
+         spec_in, spec_out) -> jax.Array:
+  """The FFN of ExpertBank, RaggedExpertBank and DenseFfn, in `module`.
 
   Creates `wi` (or the gated `wi_0`, `wi_1`) of `in_shape` and `wo` of
-  `out_shape`, and computes act(x . wi) [* (x . wi_1)] . wo with the einsum
-  specs given, in `module.dtype`.
+  `out_shape`, and computes act(x . wi) [* (x . wi_1)] . wo in
+  `module.dtype`. `spec_in` / `spec_out` are einsum specs, or callables
+  (x, w) -> x . w (e.g. grouped matmuls).
   """
   check_activation(module.activation)
   x = x.astype(module.dtype)
+  matmul = lambda spec: (spec if callable(spec) else
+                         lambda a, w: jnp.einsum(spec, a, w))
   hidden = []
   for name in _input_names(module.activation):
     w = module.param(name, init, in_shape, module.param_dtype)
-    hidden.append(jnp.einsum(spec_in, x, w.astype(module.dtype)))
+    hidden.append(matmul(spec_in)(x, w.astype(module.dtype)))
   h = _NONLINEARITY[module.activation](hidden[0])
   if len(hidden) == 2:
     h = h * hidden[1]
   wo = module.param('wo', init, out_shape, module.param_dtype)
-  return jnp.einsum(spec_out, h, wo.astype(module.dtype))
+  return matmul(spec_out)(h, wo.astype(module.dtype))
 
 
 # Standard deviation of a unit normal truncated to [-2, 2]; variance_scaling
@@ -157,18 +160,8 @@ class RaggedExpertBank(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    check_activation(self.activation)
     e, d, f = self.num_experts, x.shape[-1], self.d_ff
-    init = expert_kernel_init()
-    x = x.astype(self.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
-    hidden = []
-    for name in _input_names(self.activation):
-      w = self.param(name, init, (e, d, f), self.param_dtype)
-      hidden.append(jax.lax.ragged_dot(x, w.astype(self.dtype),
-                                       group_sizes))  # [N, F]
-    h = _NONLINEARITY[self.activation](hidden[0])
-    if len(hidden) == 2:
-      h = h * hidden[1]
-    wo = self.param('wo', init, (e, f, d), self.param_dtype)
-    return jax.lax.ragged_dot(h, wo.astype(self.dtype), group_sizes)
+    grouped = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)  # [N, .]
+    return _ffn(self, x, (e, d, f), (e, f, d), expert_kernel_init(),
+                grouped, grouped)
