@@ -188,6 +188,14 @@ def build_mesh(config):
   return mesh, sharding.process_batch_rows(mesh, config.train.batch_size)
 
 
+def _num_domains(config) -> int:
+  """N for the eval's specialisation score: the synthetic mixture's
+  domain count, 0 (no score) for data without domain ids."""
+  if config.data.name == 'synthetic_mixture' and config.model.moe.num_experts:
+    return config.data.num_domains
+  return 0
+
+
 def _sync(name: str) -> None:
   """Barrier across processes (no-op with one)."""
   if jax.process_count() > 1:
@@ -300,7 +308,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pad_id=config.data.pad_id, log_every=t.log_every,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints,
-        config=config_lib.resolved_config(config), mesh=mesh)
+        config=config_lib.resolved_config(config), mesh=mesh,
+        num_domains=_num_domains(config))
   except train_lib.NonFiniteError as e:
     return _error(str(e), EXIT_NONFINITE)
   except train_lib.CheckpointError as e:

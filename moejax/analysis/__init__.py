@@ -5,7 +5,7 @@ Public API:
   entropy, contingency, shuffled_nmi, score_layer
                                             (moejax.analysis.info)
   specialisation, routing_outputs, has_domains,
-  domain_ids                                (moejax.analysis.capture)
+  domain_ids, expert_domain_counts          (moejax.analysis.capture)
   routing_statistics, mean_over_layers      (moejax.analysis.stats)
   read_run, run_finished, aggregate,
   add_baseline_delta, write_csv             (moejax.analysis.results)
@@ -16,6 +16,7 @@ Public API:
 
 from moejax.analysis import plots
 from moejax.analysis.capture import domain_ids
+from moejax.analysis.capture import expert_domain_counts
 from moejax.analysis.capture import has_domains
 from moejax.analysis.capture import routing_outputs
 from moejax.analysis.capture import specialisation
@@ -37,9 +38,9 @@ from moejax.analysis.stats import routing_statistics
 
 __all__ = [
     'add_baseline_delta', 'aggregate', 'contingency', 'domain_ids',
-    'entropy', 'has_domains', 'markdown_report', 'mean_over_layers',
-    'mutual_information', 'nmi_from_joint', 'normalized_mutual_information',
-    'plots', 'read_run', 'routing_outputs', 'routing_statistics',
-    'run_finished', 'score_layer', 'shuffled_nmi', 'specialisation',
-    'write_csv',
+    'entropy', 'expert_domain_counts', 'has_domains', 'markdown_report',
+    'mean_over_layers', 'mutual_information', 'nmi_from_joint',
+    'normalized_mutual_information', 'plots', 'read_run', 'routing_outputs',
+    'routing_statistics', 'run_finished', 'score_layer', 'shuffled_nmi',
+    'specialisation', 'write_csv',
 ]

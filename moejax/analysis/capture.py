@@ -24,9 +24,11 @@ import numpy as np
 from moejax.analysis.info import score_layer
 
 ROUTER_NAME = 'router'  # the MoeLayer's router submodule (param router/kernel)
+# An aux entry only expert-choice routers report (expert_choice.py).
+EXPERT_CHOICE_KEY = 'tokens_by_0_experts'
 
 
-def _is_router(module: nn.Module, method_name: str) -> bool:
+def is_router(module: nn.Module, method_name: str) -> bool:
   """capture_intermediates filter: the __call__ of every MoeLayer router."""
   return method_name == '__call__' and module.name == ROUTER_NAME
 
@@ -36,6 +38,38 @@ def _as_variables(params: Any) -> Mapping[str, Any]:
   if isinstance(params, Mapping) and 'params' in params:
     return params
   return {'params': params}
+
+
+def _router_decisions(intermediates: Any):
+  """(layer name, path, router output tuple) per captured router, from a
+  `capture_intermediates=is_router` 'intermediates' tree. A token- or
+  expert-choice router's output is (RoutingDecision, aux)."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      intermediates, is_leaf=lambda v: isinstance(v, tuple))[0]
+  for path, value in flat:
+    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    if keys[-2:] != (ROUTER_NAME, '__call__'):
+      continue  # e.g. the MoeLayer's sown 'dispatched' buffers
+    yield (keys[0] if len(keys) > 2 else 'moe'), keys, value[0]
+
+
+def _top1(decision: Any, b: int, l: int) -> jax.Array:
+  """A token-choice decision's first choice per token: [B, L] int32."""
+  idx = decision.expert_index[..., 0].reshape(-1)  # [G * S]
+  return idx[:b * l].reshape(b, l).astype(jnp.int32)
+
+
+def _apply_captured(model: nn.Module, variables: Any, inputs: jax.Array,
+                    padding_mask: Optional[jax.Array]):
+  """Eval-mode forward pass with every router's output captured.
+
+  Returns:
+    ((logits, aux), the 'intermediates' tree).
+  """
+  out, state = model.apply(
+      variables, inputs, padding_mask=padding_mask, deterministic=True,
+      capture_intermediates=is_router, mutable=['intermediates'])
+  return out, state['intermediates']
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -50,27 +84,58 @@ def _routing_pass(model: nn.Module, variables: Any, inputs: jax.Array,
     ({layer: top-1 expert [B, L] int32}, {layer: the MoeLayer aux dict}).
   """
   b, l = inputs.shape
-  padding_mask = inputs == pad_id  # [B, L]
-  (_, aux), state = model.apply(
-      variables, inputs, padding_mask=padding_mask, deterministic=True,
-      capture_intermediates=_is_router, mutable=['intermediates'])
+  (_, aux), intermediates = _apply_captured(model, variables, inputs,
+                                            inputs == pad_id)
   top1 = {}
-  flat = jax.tree_util.tree_flatten_with_path(
-      state['intermediates'], is_leaf=lambda v: isinstance(v, tuple))[0]
-  for path, value in flat:
-    keys = tuple(str(getattr(k, 'key', k)) for k in path)
-    if keys[-2:] != (ROUTER_NAME, '__call__'):
-      continue  # e.g. the MoeLayer's sown 'dispatched' buffers
-    decision = value[0][0]
+  for layer, keys, (decision, *_) in _router_decisions(intermediates):
     if not hasattr(decision, 'expert_index'):
       raise ValueError(
           f'the router at {"/".join(keys[:-1])} returned a '
           f'{type(decision).__name__} without expert_index [G, S, K]; the '
           'specialisation score needs token-choice routing.')
-    layer = keys[0] if len(keys) > 2 else 'moe'
-    idx = decision.expert_index[..., 0].reshape(-1)  # [G * S]
-    top1[layer] = idx[:b * l].reshape(b, l).astype(jnp.int32)  # [B, L]
+    top1[layer] = _top1(decision, b, l)
   return top1, dict(aux.get('layers', {}))
+
+
+def expert_domain_counts(model: nn.Module, variables: Any,
+                         inputs: jax.Array, padding_mask: Optional[jax.Array],
+                         domain: jax.Array, num_domains: int
+                         ) -> dict[str, jax.Array]:
+  """Joint counts of (top-1 expert, domain) per MoE layer, traceable.
+
+  The in-training form of `specialisation`: an eval step sums these over
+  its batches and the NMI is `info.nmi_from_joint` of the sum. Row 1 is a
+  chance level: the same counts with the domains rolled by one sequence
+  within the batch (every token keeps a common, wrong domain; needs B >= 2
+  to differ from row 0). Tokens that are padding, or whose domain is not in
+  [0, num_domains), are not counted. Routers without a per-token choice
+  (expert choice, Soft MoE) are left out.
+
+  Args:
+    model: see `routing_outputs`.
+    variables: {'params': ..., other collections}.
+    inputs: [B, L] int32 token ids.
+    padding_mask: [B, L] bool (True = padding) or None.
+    domain: [B] int32 domain ids (< 0 = unknown).
+    num_domains: N, a static bound on the domain ids.
+
+  Returns:
+    {layer: [2, E, N] float32}: [0] the counts, [1] the rolled-domain ones.
+  """
+  b, l = inputs.shape
+  _, intermediates = _apply_captured(model, variables, inputs, padding_mask)
+  valid = (jnp.ones((b, l), jnp.float32) if padding_mask is None
+           else (~padding_mask).astype(jnp.float32))
+  domains = jnp.stack([domain, jnp.roll(domain, 1)])  # [2, B]
+  onehot_d = jax.nn.one_hot(domains, num_domains)  # [2, B, N]; < 0 -> 0
+  counts = {}
+  for layer, _, (decision, *rest) in _router_decisions(intermediates):
+    if not hasattr(decision, 'expert_index') or (
+        rest and EXPERT_CHOICE_KEY in rest[-1]):
+      continue  # soft / expert-choice routing: no per-token first choice
+    onehot_e = jax.nn.one_hot(_top1(decision, b, l), decision.num_experts)
+    counts[layer] = jnp.einsum('BLE,BL,RBN->REN', onehot_e, valid, onehot_d)
+  return counts
 
 
 def has_domains(batches: Sequence[Mapping[str, np.ndarray]]) -> bool:
@@ -108,13 +173,13 @@ def routing_outputs(model: nn.Module, params: Any,
     auxes.append(aux)
     valids.append(np.ones(inputs.shape, bool) if pad_id is None else
                   np.asarray(inputs) != pad_id)
-  layers = sorted(tops[0], key=_layer_order) if tops else []
+  layers = sorted(tops[0], key=layer_order) if tops else []
   experts = {k: np.concatenate([t[k] for t in tops]) for k in layers}
   valid = (np.concatenate(valids) if valids else np.zeros((0, 0), bool))
   return experts, valid, auxes
 
 
-def _layer_order(name: str):
+def layer_order(name: str):
   """'block_10' after 'block_2'."""
   head, _, tail = name.rpartition('_')
   return (head, int(tail)) if tail.isdigit() else (name, -1)

@@ -51,6 +51,8 @@ import numpy as np
 import optax
 
 from moejax import sharding
+from moejax.analysis import capture as capture_lib
+from moejax.analysis import info as info_lib
 from moejax.models import TransformerLM
 from moejax.models import flops
 from moejax.train import metrics as metrics_lib
@@ -112,17 +114,25 @@ def evaluate(eval_step, params: Any,
     classifier), 'eval/aux_loss', 'eval/z_loss', 'eval/drop_fraction',
     'eval/max_violation' (batch means), and 'eval/excess_loss' = eval/loss -
     mean optimal_nll when every example has a finite optimal_nll (synthetic
-    data, LM only), or 'eval/accuracy' for a classifier}.
+    data, LM only), or 'eval/accuracy' for a classifier; with the eval
+    step's expert x domain counts, the specialisation entries of
+    `specialisation_record`}.
   """
-  outs = [metrics_lib.to_python(
-      {k: v for k, v in eval_step(params, b['tokens'], model_state,
-                                  b.get('domain')).items()
-       if not k.startswith('moe/')}) for b in batches]
+  outs, counts = [], []
+  for b in batches:
+    metrics = eval_step(params, b['tokens'], model_state, b.get('domain'))
+    outs.append(metrics_lib.to_python(
+        {k: v for k, v in metrics.items()
+         if not k.startswith(('moe/', step_lib.SPEC_PREFIX))}))
+    counts.append(jax.device_get(
+        {k[len(step_lib.SPEC_PREFIX):]: v for k, v in metrics.items()
+         if k.startswith(step_lib.SPEC_PREFIX)}))
   count = max(sum(o['tokens'] for o in outs), 1.0)
   record = {'step': int(step),
             'eval/loss': sum(o['nll_sum'] for o in outs) / count}
   for key in EVAL_MEAN_KEYS:
     record[f'eval/{key}'] = float(np.mean([o[key] for o in outs]))
+  record.update(specialisation_record(counts))
   if 'correct' in outs[0]:  # a classifier: no next-token floor applies
     record['eval/accuracy'] = sum(o['correct'] for o in outs) / count
     return record
@@ -130,6 +140,35 @@ def evaluate(eval_step, params: Any,
                             for b in batches])
   if optimal.size and np.all(np.isfinite(optimal)):
     record['eval/excess_loss'] = record['eval/loss'] - float(optimal.mean())
+  return record
+
+
+def specialisation_record(counts: Sequence[Mapping[str, np.ndarray]]
+                          ) -> dict[str, float]:
+  """Specialisation NMI of the eval batches' summed expert x domain counts.
+
+  Args:
+    counts: per batch {layer: [2, E, N] counts} (`step.SPEC_PREFIX`
+      entries); row 1 counts each sequence under its neighbour's domain.
+
+  Returns:
+    {} without counts, else 'eval/specialisation' and
+    'eval/specialisation_chance' (means over MoE layers), and per layer
+    'eval/specialisation/<layer>'. The NMI is
+    `analysis.info.nmi_from_joint`, as in `analysis.specialisation`; the
+    chance level is one fixed within-batch shuffle, not the analysis'
+    average of 8 eval-wide ones.
+  """
+  if not counts or not counts[0]:
+    return {}
+  record, scores, chances = {}, [], []
+  for layer in sorted(counts[0], key=capture_lib.layer_order):
+    joint = np.sum([np.asarray(c[layer], np.float64) for c in counts], 0)
+    scores.append(info_lib.nmi_from_joint(joint[0]))
+    chances.append(info_lib.nmi_from_joint(joint[1]))
+    record[f'eval/specialisation/{layer}'] = scores[-1]
+  record['eval/specialisation'] = float(np.mean(scores))
+  record['eval/specialisation_chance'] = float(np.mean(chances))
   return record
 
 
@@ -283,7 +322,8 @@ def train_and_evaluate(
     checkpoint_every: int = 500, keep_checkpoints: int = 2,
     config: Optional[Mapping[str, Any]] = None,
     progress_bar: Optional[bool] = None,
-    mesh: Optional[jax.sharding.Mesh] = None) -> RunResult:
+    mesh: Optional[jax.sharding.Mesh] = None,
+    num_domains: int = 0) -> RunResult:
   """Trains `model` to `steps`, resuming from `<workdir>/checkpoints`.
 
   Writes `<workdir>/config.json` (if `config`), `metrics.jsonl`,
@@ -316,6 +356,9 @@ def train_and_evaluate(
     progress_bar: tqdm bar; default whether stderr is a tty.
     mesh: the device mesh (`sharding.make_mesh`); default the first device.
       With several processes it must span all their devices.
+    num_domains: N > 0: the eval batches' 'domain' ids are in [0, N) and
+      each eval records the specialisation score of every token-choice MoE
+      layer ('eval/specialisation...', see `specialisation_record`).
 
   Returns:
     RunResult.
@@ -352,7 +395,8 @@ def train_and_evaluate(
             learning_rate_fn=learning_rate_fn, **on_mesh),
         eval_step=step_lib.make_eval_step(
             model, aux_loss_weight=aux_loss_weight,
-            z_loss_weight=z_loss_weight, pad_id=pad_id, **on_mesh),
+            z_loss_weight=z_loss_weight, pad_id=pad_id,
+            num_domains=num_domains, **on_mesh),
         eval_data=place.eval_batches(eval_data), checkpointer=checkpointer,
         guard=_FiniteGuard(checkpointer),
         writer=metrics_lib.MetricsWriter(workdir) if primary else None,

@@ -38,9 +38,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import sharding
+from moejax.analysis import capture as capture_lib
 from moejax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
+# Eval-step entries 'spec_counts/<layer>': [2, E, N] expert x domain counts.
+SPEC_PREFIX = 'spec_counts/'
 
 
 def step_rng(seed, step: jax.Array) -> jax.Array:
@@ -324,6 +327,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
 def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
                    z_loss_weight: float = 0.0, pad_id: Optional[int] = None,
+                   num_domains: int = 0,
                    mesh: Optional[jax.sharding.Mesh] = None,
                    state_shardings: Optional[TrainState] = None
                    ) -> Callable[..., Metrics]:
@@ -334,36 +338,49 @@ def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
     aux_loss_weight: as in training (for the reported total 'loss').
     z_loss_weight: as in training.
     pad_id: padding token id or None.
+    num_domains: N > 0: also count each MoE layer's (top-1 expert, domain)
+      pairs for the specialisation score (`SPEC_PREFIX` entries, see
+      `analysis.capture.expert_domain_counts`); 0: do not.
     mesh: the device mesh, or None (see make_train_step).
     state_shardings: with mesh, the TrainState of NamedShardings; params
       and model_state must come with its `params` / `model_state` ones,
-      tokens and labels split over the batch axes. The metrics come back
+      tokens and domains split over the batch axes. The metrics come back
       replicated.
 
   Returns:
     step(params, tokens [B, L + 1], model_state=None, labels=None) -> the
-    compute_loss metrics of the batch; model_state (the TrainState's) is
-    read only; labels [B] are used by classifiers only.
+    compute_loss metrics of the batch, plus with num_domains
+    'spec_counts/<layer>' [2, E, N]; model_state (the TrainState's) is read
+    only; labels [B] are the domain ids (a classifier's targets).
   """
+  classify = getattr(model, 'task', 'lm') == 'classify'
 
   def eval_step(params: Any, tokens: jax.Array,
-                model_state: Optional[dict], labels: Optional[jax.Array]
+                model_state: Optional[dict], domain: Optional[jax.Array]
                 ) -> Metrics:
     """Deterministic metrics of tokens [B, L + 1]."""
-    return compute_loss(params, model, tokens, deterministic=True,
-                        aux_loss_weight=aux_loss_weight,
-                        z_loss_weight=z_loss_weight, pad_id=pad_id,
-                        model_state=model_state, labels=labels)[1]
+    metrics = compute_loss(params, model, tokens, deterministic=True,
+                           aux_loss_weight=aux_loss_weight,
+                           z_loss_weight=z_loss_weight, pad_id=pad_id,
+                           model_state=model_state,
+                           labels=domain if classify else None)[1]
+    if num_domains and domain is not None:
+      inputs, _, _, padding_mask = split_tokens(tokens, pad_id)
+      counts = capture_lib.expert_domain_counts(
+          model, {'params': params, **dict(model_state or {})}, inputs,
+          padding_mask, domain, num_domains)
+      metrics.update({SPEC_PREFIX + k: v for k, v in counts.items()})
+    return metrics
 
   jitted = _jit(eval_step, mesh, (
       getattr(state_shardings, 'params', None), 'batch',
       getattr(state_shardings, 'model_state', None), 'batch'), 'replicated')
-  classify = getattr(model, 'task', 'lm') == 'classify'
 
   def step(params: Any, tokens: jax.Array,
            model_state: Optional[dict] = None,
            labels: Optional[jax.Array] = None) -> Metrics:
-    return jitted(params, tokens, model_state, labels if classify else None)
+    use = labels if classify or num_domains else None
+    return jitted(params, tokens, model_state, use)
 
   return step
 

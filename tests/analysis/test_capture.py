@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moejax.analysis import capture
+from moejax.analysis import info
 from moejax.analysis import stats
 from moejax.models import TransformerLM
 from tests.conftest import init_key
@@ -75,3 +76,55 @@ def test_padding_and_missing_domains(setup):
   dense = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=32,
                         vocab_size=V)
   assert capture.specialisation(dense, {}, unlabelled) == {}  # no compile
+
+
+def test_eval_step_counts_match_the_post_hoc_score(setup):
+  # The trainer's in-eval specialisation (expert x domain counts summed in
+  # the jitted eval step, then NMI) equals the post-hoc analysis on the
+  # same params and batches; the chance row is the contingency of the
+  # captured top-1 experts against the domains rolled by one sequence.
+  from moejax.train import loop
+  from moejax.train import step as step_lib
+  model, params, batches = setup
+  batches = [dict(b, optimal_nll=np.zeros(B)) for b in batches]
+  n = 3  # domains drawn from {0, 1, 2}
+  eval_step = step_lib.make_eval_step(model, num_domains=n)
+  record = loop.evaluate(eval_step, params, batches, step=7)
+  expected = capture.specialisation(model, params, batches)
+  assert record['eval/specialisation/block_0'] == pytest.approx(
+      expected['block_0'], abs=1e-12)
+  assert record['eval/specialisation'] == pytest.approx(expected['block_0'],
+                                                        abs=1e-12)
+  experts, _, _ = capture.routing_outputs(model, params, batches)
+  top1 = experts['block_0'].reshape(2, B, L)
+  rolled = np.stack([np.roll(b['domain'], 1) for b in batches])  # [2, B]
+  chance = info.normalized_mutual_information(
+      top1.ravel(), np.broadcast_to(rolled[..., None], top1.shape).ravel())
+  assert record['eval/specialisation_chance'] == pytest.approx(chance,
+                                                               abs=1e-12)
+  # Without num_domains nothing is counted.
+  plain = loop.evaluate(step_lib.make_eval_step(model), params, batches, 7)
+  assert not any('specialisation' in k for k in plain)
+  assert plain['eval/loss'] == record['eval/loss']
+
+
+def test_counts_skip_padding_and_unknown_domains(setup):
+  model, params, batches = setup
+  tokens = batches[0]['tokens']
+  pad_id = int(tokens[0, 0])
+  inputs = tokens[:, :-1]
+  domain = np.array([0, -1, 2, 1], np.int32)  # sequence 1: unknown domain
+  counts = jax.jit(capture.expert_domain_counts, static_argnums=(0, 5))(
+      model, {'params': params}, inputs, inputs == pad_id, domain, 3)
+  c = np.asarray(counts['block_0'])  # [2, E, 3]
+  experts, valid, _ = capture.routing_outputs(model, params, batches[:1],
+                                              pad_id)
+  # Naive loop: count each valid token of a known-domain sequence.
+  expected = np.zeros((2, E, 3))
+  for row, dom in enumerate((domain, np.roll(domain, 1))):
+    for i in range(B):
+      for j in range(L):
+        if valid[i, j] and dom[i] >= 0:
+          expected[row, experts['block_0'][i, j], dom[i]] += 1
+  np.testing.assert_array_equal(c, expected)
+  assert c[0].sum() == valid[[0, 2, 3]].sum() < 3 * L  # padding left out
