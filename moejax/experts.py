@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import ffn_math
 from moejax import sharding
 
 ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
@@ -46,18 +47,15 @@ def _ffn(module: nn.Module, x: jax.Array, in_shape, out_shape, init,
   (x, w) -> x . w (e.g. grouped matmuls).
   """
   check_activation(module.activation)
-  x = x.astype(module.dtype)
   matmul = lambda spec: (spec if callable(spec) else
                          lambda a, w: jnp.einsum(spec, a, w))
-  hidden = []
-  for name in _input_names(module.activation):
-    w = module.param(name, init, in_shape, module.param_dtype)
-    hidden.append(matmul(spec_in)(x, w.astype(module.dtype)))
-  h = _NONLINEARITY[module.activation](hidden[0])
-  if len(hidden) == 2:
-    h = h * hidden[1]
+  wis = [module.param(name, init, in_shape, module.param_dtype)
+         for name in _input_names(module.activation)]
   wo = module.param('wo', init, out_shape, module.param_dtype)
-  return matmul(spec_out)(h, wo.astype(module.dtype))
+  cast = lambda ws: [w.astype(module.dtype) for w in ws]
+  return ffn_math.gated_ffn(
+      x.astype(module.dtype), cast(wis), cast([wo])[0],
+      _NONLINEARITY[module.activation], matmul(spec_in), matmul(spec_out))
 
 
 # Standard deviation of a unit normal truncated to [-2, 2]; variance_scaling

@@ -57,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax import ffn_math
+
 MESH_AXES = ('data', 'expert', 'model')
 BATCH_AXES = ('data', 'expert')
 
@@ -494,20 +496,19 @@ def expert_parallel_ffn(buffers: jax.Array, wis: Sequence[jax.Array],
   pm = _axis_sizes(mesh).get('model', 1)
   model = 'model' if pm > 1 and f % pm == 0 else None  # else F replicated
 
+  def matmul_out(h, wo):  # h [E', N, F/Pm]
+    if model is None:
+      return jnp.einsum('ENF,EFD->END', h, wo)
+    # Partial sums over this device's F slice, added in float32.
+    y = jnp.einsum('ENF,EFD->END', h, wo, preferred_element_type=jnp.float32)
+    return jax.lax.psum(y, 'model').astype(dtype)  # [E', N, D]
+
   def ffn(x, w):  # x [E', N, D]
     local_wis, local_wo = w
-    x = x.astype(dtype)
-    hidden = [jnp.einsum('END,EDF->ENF', x, wi.astype(dtype))
-              for wi in local_wis]  # [E', N, F/Pm] each
-    h = nonlinearity(hidden[0])
-    if len(hidden) == 2:
-      h = h * hidden[1]
-    if model is None:
-      return jnp.einsum('ENF,EFD->END', h, local_wo.astype(dtype))
-    # Partial sums over this device's F slice, added in float32.
-    y = jnp.einsum('ENF,EFD->END', h, local_wo.astype(dtype),
-                   preferred_element_type=jnp.float32)
-    return jax.lax.psum(y, 'model').astype(dtype)  # [E', N, D]
+    return ffn_math.gated_ffn(
+        x.astype(dtype), [wi.astype(dtype) for wi in local_wis],
+        local_wo.astype(dtype), nonlinearity,
+        lambda a, wi: jnp.einsum('END,EDF->ENF', a, wi), matmul_out)
 
   specs = ([P(None, model)] * len(wis), P(model, None))
   return expert_parallel_apply(ffn, buffers, (list(wis), wo), specs, mesh)
