@@ -3,8 +3,8 @@
 Everything here raises ValueError with a message naming the full config key
 (e.g. `model.moe.top_k`), the bad value and what is allowed, before any
 data is built or anything compiles. `experiments.train` turns these into
-`error: <message>` and exit code 2. `check_workdir_config` refuses a work
-dir whose stored config.json differs, listing the differing keys.
+`error: <message>` and exit code 2. A work dir's stored config is compared
+with a new run's in `experiments.workdir_config`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
-import json
 import math
 import os
 import re
@@ -545,90 +544,3 @@ def resolved_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   out = config.to_dict()
   out['data']['data_dir'] = data_dir(config)
   return out
-
-
-# ------------------------------------------------------- work dir vs config
-CONFIG_FILE = 'config.json'
-_ABSENT = '<absent>'
-# Where a run's arrays live and how its processes meet, not what it
-# computes: a work dir may be resumed with other values (another mesh).
-LAYOUT_KEYS = ('mesh.', 'distributed.')
-
-
-def config_diff(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
-  """Differing keys of two resolved configs, as (key, stored, new).
-
-  A key the stored config lacks counts only if the new value is not the
-  base default (so configs written before a key was added still match).
-
-  Args:
-    stored: the work dir's config.json (nested dict).
-    new: the new run's resolved_config (nested dict).
-
-  Returns:
-    Sorted [(dotted key, stored value or '<absent>', new value or
-    '<absent>')].
-  """
-  old, cur = flatten(stored), flatten(new)
-  defaults = flatten(base_config.get_base_config().to_dict())
-  out = []
-  for key in sorted(set(old) | set(cur)):
-    a, b = old.get(key, _ABSENT), cur.get(key, _ABSENT)
-    if a == _ABSENT and key in defaults and b == defaults[key]:
-      continue
-    if a != b or isinstance(a, bool) != isinstance(b, bool):  # 1 vs True
-      out.append((key, a, b))
-  return out
-
-
-def _fmt(value: Any) -> str:
-  return value if value == _ABSENT else repr(value)
-
-
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
-                         override: bool = False) -> list[str]:
-  """Refuses a work dir whose stored config.json differs from `config`.
-
-  The LAYOUT_KEYS (`mesh.*`, `distributed.*`) are not compared: a run may
-  resume on another mesh or another number of hosts (checkpoints restore
-  onto any mesh; results agree to float tolerance).
-
-  Args:
-    config: the new run's (validated) config.
-    workdir: the run directory (may not exist yet).
-    override: accept the differences (the caller continues the run with
-      the new config).
-
-  Returns:
-    The differing keys as 'key: stored -> new' lines ([] if none or no
-    stored config).
-
-  Raises:
-    ValueError: the configs differ (or config.json is unreadable) and not
-      `override`; the message lists every differing key.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return []
-  try:
-    with open(path, encoding='utf-8') as f:
-      stored = json.load(f)
-  except (OSError, ValueError) as e:
-    if override:
-      return [f'(unreadable {path}: {e})']
-    raise ValueError(
-        f'--workdir {workdir}: the stored {path} cannot be read ({e}); '
-        'allowed: --override to continue with the new config, or --fresh '
-        'to move the old run aside and start over.') from e
-  lines = [f'  {key}: {_fmt(a)} -> {_fmt(b)}'
-           for key, a, b in config_diff(stored, resolved_config(config))
-           if not key.startswith(LAYOUT_KEYS)]
-  if lines and not override:
-    raise ValueError(
-        f'--workdir {workdir} holds a run with a different config ({path});'
-        ' the differing keys (stored -> new):\n' + '\n'.join(lines) +
-        '\nResuming would mix two configs in one run. Allowed: the stored '
-        'values (the same command as before); --override to continue this '
-        'run with the new config (the stored one is kept as config.<n>.json);'
-        ' or --fresh to move the old run aside and start over.')
-  return lines

@@ -57,6 +57,7 @@ import jax  # importing starts no backend: jax.distributed can still start
 from jax.experimental import multihost_utils
 
 from experiments import config_lib
+from experiments import workdir_config
 from experiments.config_lib import build_data  # pylint: disable=unused-import
 from experiments.config_lib import build_model  # pylint: disable=unused-import
 from moejax import sharding
@@ -221,7 +222,7 @@ def keep_stored_config(workdir: str) -> Optional[str]:
   Returns:
     The copy's path, or None if there is no config.json.
   """
-  path = os.path.join(workdir, config_lib.CONFIG_FILE)
+  path = os.path.join(workdir, workdir_config.CONFIG_FILE)
   if not os.path.exists(path):
     return None
   target = _next_free(os.path.join(workdir, 'config.{}.json'))
@@ -274,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   start = time.time()
   try:
     config = load_and_validate(args.config, overrides)
-    diff = [] if args.fresh else config_lib.check_workdir_config(
+    diff = [] if args.fresh else workdir_config.check_workdir_config(
         config, args.workdir, override=args.override)
     model = config_lib.build_model(config)
   except ValueError as e:

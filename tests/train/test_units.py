@@ -161,14 +161,14 @@ def test_nonfinite_gradient_with_finite_loss_and_layers():
 
 
 def test_config_diff_lists_changed_and_new_keys():
-  from experiments import config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import workdir_config  # pylint: disable=g-import-not-at-top
   stored = {'seed': 0, 'train': {'steps': 10, 'lr': 1.0},
             'model': {'tie_embeddings': True}}
   new = {'seed': 0, 'train': {'steps': 20, 'lr': 1},  # 1 == 1.0: same
          'model': {'tie_embeddings': 1,  # 1 is not True for a bool key
                    'moe': {'allow_noncausal_routing': False,  # new, default
                            'z_loss_weight': 0.5}}}  # new, not the default
-  assert config_lib.config_diff(stored, new) == [
+  assert workdir_config.config_diff(stored, new) == [
       ('model.moe.z_loss_weight', '<absent>', 0.5),
       ('model.tie_embeddings', True, 1),
       ('train.steps', 10, 20)]
