@@ -17,3 +17,36 @@ def init_key(seed: int):
   """
   import jax  # pylint: disable=g-import-not-at-top
   return jax.random.key(seed, impl='rbg')
+
+
+def pairwise(factors, allowed=lambda case: True):
+  """A covering set of test cases: every pair of factor values appears.
+
+  The full product of many factors is mostly redundant for bugs that
+  involve at most two of them; this greedy all-pairs design keeps every
+  allowed pair of values (e.g. each top-k with each capacity factor, each
+  capacity factor with each priority) in at least one case, usually with a
+  fraction of the product's cases. Deterministic: the candidate covering
+  the most new pairs wins, ties going to the earliest in product order.
+
+  Args:
+    factors: sequence of value lists, one per factor.
+    allowed: case tuple -> bool, e.g. top_k <= num_experts.
+
+  Returns:
+    list of case tuples (one value per factor).
+  """
+  import itertools  # pylint: disable=g-import-not-at-top
+  candidates = [c for c in itertools.product(*factors) if allowed(c)]
+
+  def pairs(case):
+    return {(i, case[i], j, case[j])
+            for i, j in itertools.combinations(range(len(case)), 2)}
+
+  uncovered = set().union(*map(pairs, candidates))
+  chosen = []
+  while uncovered:
+    best = max(candidates, key=lambda c: len(pairs(c) & uncovered))
+    chosen.append(best)
+    uncovered -= pairs(best)
+  return chosen
