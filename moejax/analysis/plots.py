@@ -1,4 +1,5 @@
-"""Sweep plots (matplotlib, Agg backend).
+"""Sweep plots (matplotlib figures drawn without pyplot, so
+importing this module leaves the backend alone).
 
   metrics_vs_value   final metrics vs the swept value, dense baseline as a
                      horizontal line, error bars = std over seeds;
@@ -13,9 +14,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 import numpy as np
 
 # (row key, panel title, whether the dense baseline has a meaningful value).
@@ -44,7 +43,8 @@ def metrics_vs_value(rows: Sequence[Mapping[str, Any]],
     baseline: the dense baseline row, drawn as a horizontal line where
       meaningful (losses).
   """
-  fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+  fig = Figure(figsize=(13, 7))
+  axes = fig.subplots(2, 3)
   x = np.arange(len(rows))
   for ax, (key, title, base_line) in zip(axes.ravel(), PANELS):
     mean = np.array([_nan(r.get(key)) for r in rows])
@@ -64,7 +64,6 @@ def metrics_vs_value(rows: Sequence[Mapping[str, Any]],
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def loss_curves(curves: Sequence[tuple[str, Sequence[Mapping[str, Any]],
@@ -75,8 +74,9 @@ def loss_curves(curves: Sequence[tuple[str, Sequence[Mapping[str, Any]],
     curves: (label, metrics.jsonl records, is_baseline) per run.
     path: output .png.
   """
-  fig, ax = plt.subplots(figsize=(9, 5.5))
-  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  fig = Figure(figsize=(9, 5.5))
+  ax = fig.subplots()
+  colors = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (label, records, is_baseline) in enumerate(curves):
     color = 'k' if is_baseline else colors[i % len(colors)]
     style = '--' if is_baseline else '-'
@@ -94,7 +94,6 @@ def loss_curves(curves: Sequence[tuple[str, Sequence[Mapping[str, Any]],
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def expert_loads(loads: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
@@ -114,8 +113,8 @@ def expert_loads(loads: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
     return False
   cols = min(3, len(loads))
   nrows = math.ceil(len(loads) / cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 2.6 * nrows),
-                           squeeze=False)
+  fig = Figure(figsize=(4.5 * cols, 2.6 * nrows))
+  axes = fig.subplots(nrows, cols, squeeze=False)
   for ax, (label, layers) in zip(axes.ravel(), loads):
     names = sorted(layers, key=lambda n: (len(n), n))
     grid = np.asarray([layers[n] for n in names])  # [layers, E]
@@ -129,5 +128,4 @@ def expert_loads(loads: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
   fig.suptitle('eval expert load (fraction of token-choices)', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return True

@@ -1,4 +1,5 @@
-"""Run plots (matplotlib, Agg backend): loss curves and expert load.
+"""Run plots: loss curves and expert load (matplotlib figures drawn without
+pyplot, so importing this module leaves the backend alone).
 
 Both read the records of metrics.jsonl, so they can be redrawn for any run
 directory with `plot_run(workdir)`.
@@ -10,10 +11,7 @@ import os
 import re
 from typing import Any, Mapping, Optional, Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
 import numpy as np
 
 _LOAD_KEY = re.compile(r'^moe/(block_(\d+))/expert_load$')
@@ -26,7 +24,8 @@ def plot_losses(records: Sequence[Mapping[str, Any]], path: str) -> None:
     records: metrics.jsonl records.
     path: output .png.
   """
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for key, style in (('train/lm_loss', '-'), ('eval/loss', 'o-'),
                      ('eval/excess_loss', 's--')):
     points = [(r['step'], r[key]) for r in records if key in r]
@@ -39,7 +38,6 @@ def plot_losses(records: Sequence[Mapping[str, Any]], path: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def latest_expert_load(records: Sequence[Mapping[str, Any]]
@@ -71,8 +69,9 @@ def plot_expert_load(names: Sequence[str], load: np.ndarray,
     path: output .png.
     step: step the load was measured at (for the title).
   """
-  fig, ax = plt.subplots(figsize=(1.2 + 0.6 * load.shape[1],
-                                  1.2 + 0.5 * load.shape[0]))
+  fig = Figure(figsize=(1.2 + 0.6 * load.shape[1],
+                        1.2 + 0.5 * load.shape[0]))
+  ax = fig.subplots()
   image = ax.imshow(load, aspect='auto', cmap='viridis', vmin=0.0)
   ax.set_xticks(range(load.shape[1]))
   ax.set_yticks(range(load.shape[0]), labels=list(names))
@@ -82,7 +81,6 @@ def plot_expert_load(names: Sequence[str], load: np.ndarray,
   fig.colorbar(image, ax=ax, label='fraction of tokens')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_run(workdir: str, records: Sequence[Mapping[str, Any]]
