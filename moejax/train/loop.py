@@ -399,7 +399,8 @@ def train_and_evaluate(
             num_domains=num_domains, **on_mesh),
         eval_data=place.eval_batches(eval_data), checkpointer=checkpointer,
         guard=_FiniteGuard(checkpointer),
-        writer=metrics_lib.MetricsWriter(workdir) if primary else None,
+        writer=(metrics_lib.MetricsWriter(workdir, start_step=int(state.step))
+                if primary else None),
         steps=steps, every=(log_every, eval_every, checkpoint_every),
         tokens_per_step=input_shape[0] * input_shape[1], place=place)
     progress = metrics_lib.Progress(steps, int(state.step),

@@ -81,15 +81,23 @@ def truncate_metrics(path: str, max_step: int) -> int:
   return len(kept)
 
 
-def _tensorboard_writer(logdir: str):
-  """A tensorboardX SummaryWriter, or None if tensorboardX is missing."""
+def _tensorboard_writer(logdir: str, purge_step: Optional[int] = None):
+  """A tensorboardX SummaryWriter, or None if tensorboardX is missing.
+
+  With `purge_step`, TensorBoard hides the events of earlier files in
+  `logdir` whose step is >= purge_step (a resumed run's stale tail)."""
   try:
     import tensorboardX  # pylint: disable=g-import-not-at-top
   except ImportError:
     print('warning: tensorboardX is not installed; no TensorBoard events '
           '(pip install tensorboardX)', file=sys.stderr)
     return None
-  return tensorboardX.SummaryWriter(logdir=logdir, flush_secs=10)
+  # Event files are named events.out.tfevents.<seconds>.<host><suffix> and
+  # read in name order: the nanosecond suffix keeps two writers started in
+  # one second (a quick resume) from sharing, and so truncating, a file.
+  return tensorboardX.SummaryWriter(
+      logdir=logdir, flush_secs=10, purge_step=purge_step,
+      filename_suffix=f'.{time.time_ns():020d}')
 
 
 class MetricsWriter:
@@ -98,12 +106,19 @@ class MetricsWriter:
   Args (constructor):
     workdir: run directory.
     tensorboard: also write events under `<workdir>/tensorboard`.
+    start_step: the step the run (re)starts from. metrics.jsonl already
+      holds no record after it (the loop drops them at resume); the
+      TensorBoard events of steps > start_step written before an
+      interruption are marked stale (a purge at start_step + 1), so
+      TensorBoard shows each step once.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True,
+               start_step: int = 0):
     self.path = os.path.join(workdir, METRICS_FILE)
     self._file = open(self.path, 'a', encoding='utf-8')
-    self._tb = (_tensorboard_writer(os.path.join(workdir, 'tensorboard'))
+    self._tb = (_tensorboard_writer(os.path.join(workdir, 'tensorboard'),
+                                    purge_step=start_step + 1)
                 if tensorboard else None)
 
   def write(self, record: Mapping[str, Any]) -> None:

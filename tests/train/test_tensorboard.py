@@ -1,0 +1,81 @@
+"""TensorBoard events after a resume: every step is shown once.
+
+A resumed run restarts from its last checkpoint at step s, but an interrupted
+run may have written events for steps after s. MetricsWriter marks them stale
+(tensorboardX purge_step = s + 1: a SessionLog START event at that step);
+TensorBoard then drops the earlier events whose step is >= that step. The
+test reads the event files itself and applies that rule.
+"""
+
+import glob
+import os
+import struct
+
+import pytest
+
+from moejax.train import metrics as metrics_lib
+
+event_pb2 = pytest.importorskip('tensorboardX.proto.event_pb2')
+
+
+def _events(path):
+  """The Event protos of one TFRecord file (length, crc, data, crc)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  pos, out = 0, []
+  while pos < len(data):
+    (length,) = struct.unpack('<Q', data[pos:pos + 8])
+    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  return out
+
+
+def _visible_scalars(logdir, tag):
+  """{step: value} as TensorBoard shows it: files in name order, and a
+  SessionLog START at step p purges the earlier events with step >= p."""
+  shown = {}
+  files = sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*')))
+  assert len(files) == 2  # one per writer: none overwrote the other
+  for path in files:
+    for event in _events(path):
+      if event.HasField('session_log') and (
+          event.session_log.status == event_pb2.SessionLog.START):
+        shown = {s: v for s, v in shown.items() if s < event.step}
+      for value in event.summary.value:
+        if value.tag == tag:
+          shown.setdefault(event.step, []).append(value.simple_value)
+  return shown
+
+
+def test_resume_hides_the_stale_tail(tmp_path):
+  workdir = str(tmp_path)
+  first = metrics_lib.MetricsWriter(workdir)
+  for step in range(1, 7):  # interrupted after step 6, last checkpoint 3
+    first.write({'step': step, 'train/loss': float(step)})
+  first.close()
+  second = metrics_lib.MetricsWriter(workdir, start_step=3)
+  for step in range(4, 8):
+    second.write({'step': step, 'train/loss': 10.0 + step})
+  second.close()
+  shown = _visible_scalars(os.path.join(workdir, 'tensorboard'),
+                           'train/loss')
+  # Steps 1-3 from the first run, 4-7 from the resumed one, each once.
+  assert shown == {1: [1.0], 2: [2.0], 3: [3.0], 4: [14.0], 5: [15.0],
+                   6: [16.0], 7: [17.0]}
+
+
+def test_without_the_purge_steps_would_repeat(tmp_path):
+  # The check above can fail: the same writes with a purge at step 7
+  # (start_step=6, i.e. not the checkpoint's step) leave 4-6 twice.
+  workdir = str(tmp_path)
+  first = metrics_lib.MetricsWriter(workdir)
+  for step in range(1, 7):
+    first.write({'step': step, 'train/loss': float(step)})
+  first.close()
+  second = metrics_lib.MetricsWriter(workdir, start_step=6)
+  for step in range(4, 8):
+    second.write({'step': step, 'train/loss': 10.0 + step})
+  second.close()
+  shown = _visible_scalars(os.path.join(workdir, 'tensorboard'),
+                           'train/loss')
+  assert shown[4] == [4.0, 14.0] and shown[7] == [17.0]
