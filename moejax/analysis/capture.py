@@ -134,7 +134,9 @@ def expert_domain_counts(model: nn.Module, variables: Any,
         rest and EXPERT_CHOICE_KEY in rest[-1]):
       continue  # soft / expert-choice routing: no per-token first choice
     onehot_e = jax.nn.one_hot(_top1(decision, b, l), decision.num_experts)
-    counts[layer] = jnp.einsum('BLE,BL,RBN->REN', onehot_e, valid, onehot_d)
+    counts[layer] = jnp.einsum(  # exact: 0/1 products, float32 sums
+        'BLE,BL,RBN->REN', onehot_e, valid, onehot_d,
+        precision=jax.lax.Precision.HIGHEST)
   return counts
 
 
