@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.analysis.info import nmi_from_joint
 from moejax.analysis.info import score_layer
 
 ROUTER_NAME = 'router'  # the MoeLayer's router submodule (param router/kernel)
@@ -138,6 +139,30 @@ def expert_domain_counts(model: nn.Module, variables: Any,
         'BLE,BL,RBN->REN', onehot_e, valid, onehot_d,
         precision=jax.lax.Precision.HIGHEST)
   return counts
+
+
+def scores_from_counts(counts: Sequence[Mapping[str, np.ndarray]]
+                       ) -> dict[str, dict[str, float]]:
+  """Specialisation NMI of summed `expert_domain_counts`, per layer.
+
+  Args:
+    counts: per batch {layer: [2, E, N] counts}; row 1 counts each sequence
+      under its batch neighbour's domain.
+
+  Returns:
+    {layer: {'nmi', 'chance'}} in layer order ({} without counts): the NMI
+    (`info.nmi_from_joint`, as in `specialisation`) of the summed row 0 and
+    of row 1. This chance level is one fixed within-batch shuffle, not the
+    mean of several eval-wide ones (`info.shuffled_nmi`).
+  """
+  if not counts or not counts[0]:
+    return {}
+  out = {}
+  for layer in sorted(counts[0], key=layer_order):
+    joint = np.sum([np.asarray(c[layer], np.float64) for c in counts], 0)
+    out[layer] = {'nmi': nmi_from_joint(joint[0]),
+                  'chance': nmi_from_joint(joint[1])}
+  return out
 
 
 def has_domains(batches: Sequence[Mapping[str, np.ndarray]]) -> bool:

@@ -52,10 +52,10 @@ import optax
 
 from moejax import sharding
 from moejax.analysis import capture as capture_lib
-from moejax.analysis import info as info_lib
 from moejax.models import TransformerLM
 from moejax.models import flops
 from moejax.train import metrics as metrics_lib
+from moejax.train import placement
 from moejax.train import plots
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
@@ -145,30 +145,17 @@ def evaluate(eval_step, params: Any,
 
 def specialisation_record(counts: Sequence[Mapping[str, np.ndarray]]
                           ) -> dict[str, float]:
-  """Specialisation NMI of the eval batches' summed expert x domain counts.
-
-  Args:
-    counts: per batch {layer: [2, E, N] counts} (`step.SPEC_PREFIX`
-      entries); row 1 counts each sequence under its neighbour's domain.
-
-  Returns:
-    {} without counts, else 'eval/specialisation' and
-    'eval/specialisation_chance' (means over MoE layers), and per layer
-    'eval/specialisation/<layer>'. The NMI is
-    `analysis.info.nmi_from_joint`, as in `analysis.specialisation`; the
-    chance level is one fixed within-batch shuffle, not the analysis'
-    average of 8 eval-wide ones.
-  """
-  if not counts or not counts[0]:
+  """'eval/specialisation[/<layer>]' and 'eval/specialisation_chance' (means
+  over MoE layers) from per-batch {layer: [2, E, N]} expert x domain counts
+  (`analysis.capture.scores_from_counts`); {} without counts."""
+  scores = capture_lib.scores_from_counts(counts)
+  if not scores:
     return {}
-  record, scores, chances = {}, [], []
-  for layer in sorted(counts[0], key=capture_lib.layer_order):
-    joint = np.sum([np.asarray(c[layer], np.float64) for c in counts], 0)
-    scores.append(info_lib.nmi_from_joint(joint[0]))
-    chances.append(info_lib.nmi_from_joint(joint[1]))
-    record[f'eval/specialisation/{layer}'] = scores[-1]
-  record['eval/specialisation'] = float(np.mean(scores))
-  record['eval/specialisation_chance'] = float(np.mean(chances))
+  record = {f'eval/specialisation/{k}': v['nmi'] for k, v in scores.items()}
+  record['eval/specialisation'] = float(np.mean(
+      [v['nmi'] for v in scores.values()]))
+  record['eval/specialisation_chance'] = float(np.mean(
+      [v['chance'] for v in scores.values()]))
   return record
 
 
@@ -374,7 +361,7 @@ def train_and_evaluate(
     print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
   mesh = mesh if mesh is not None else sharding.make_mesh(
       devices=jax.devices()[:1])
-  place = _Placement(mesh, train_loader)
+  place = placement.Placement(mesh, train_loader)
   primary = jax.process_index() == 0
   checkpointer = Checkpointer(workdir, keep_checkpoints)
   input_shape = (train_loader.batch_size, train_loader.seq_len)
@@ -431,7 +418,7 @@ class _Loop:
   steps: int
   every: tuple[int, int, int]  # log, eval, checkpoint
   tokens_per_step: int
-  place: '_Placement'
+  place: placement.Placement
 
   def run(self, state, train_loader, progress, stop) -> RunResult:
     """Runs steps int(state.step) .. self.steps - 1."""
@@ -488,52 +475,3 @@ class _Loop:
     if self.writer is not None:
       self.writer.write(record)
       progress.log(record)
-
-
-class _Placement:
-  """Puts this process's rows of global batches onto the mesh.
-
-  Args (constructor):
-    mesh: the device mesh.
-    loader: the train loader; its `.batch_size` is the global B. A loader
-      with `process_index` / `process_count` (data.BatchLoader) must load
-      exactly this process's `sharding.process_batch_rows`.
-  """
-
-  KEYS = ('tokens', 'domain')  # what the steps read; 'domain': labels
-
-  def __init__(self, mesh: jax.sharding.Mesh, loader: Any):
-    self.mesh, self.batch_size = mesh, loader.batch_size
-    rows = sharding.process_batch_rows(mesh, self.batch_size)
-    if hasattr(loader, 'process_index'):
-      local = self.batch_size // loader.process_count
-      mine = slice(loader.process_index * local,
-                   (loader.process_index + 1) * local)
-      if mine != rows:
-        raise ValueError(
-            f'this process loads rows {mine.start}:{mine.stop} of each '
-            f'global batch of {self.batch_size}, but its devices hold rows '
-            f'{rows.start}:{rows.stop}; build the loader with process_index'
-            f' = {rows.start // (rows.stop - rows.start)}, process_count = '
-            f'{self.batch_size // (rows.stop - rows.start)}.')
-
-  def batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """{'tokens': [b, L + 1], 'domain': [b], ...} host rows -> global
-    {'tokens': [B, L + 1], 'domain': [B]} split over the batch axes."""
-    return sharding.shard_batch({k: batch[k] for k in self.KEYS if k in batch},
-                                self.mesh, self.batch_size)
-
-  def eval_batches(self, batches: Sequence[Mapping[str, np.ndarray]]
-                   ) -> list[dict[str, Any]]:
-    """Eval batches placed once; 'optimal_nll' [B] of the global batch as a
-    host array (gathered from every process), for eval/excess_loss."""
-    out = []
-    for b in batches:
-      placed = self.batch(b)
-      if 'optimal_nll' in b:
-        nll = np.asarray(b['optimal_nll'])
-        if jax.process_count() > 1:
-          nll = multihost_utils.process_allgather(nll, tiled=True)
-        placed['optimal_nll'] = nll
-      out.append(placed)
-    return out
