@@ -47,18 +47,23 @@ def _visible_scalars(logdir, tag):
   return shown
 
 
-def test_resume_hides_the_stale_tail(tmp_path):
-  workdir = str(tmp_path)
+def _interrupted_then_resumed(workdir, start_step):
+  """Steps 1-6 logged (loss = step), then a writer resumed at `start_step`
+  logs steps 4-7 (loss = 10 + step); returns what TensorBoard shows."""
   first = metrics_lib.MetricsWriter(workdir)
-  for step in range(1, 7):  # interrupted after step 6, last checkpoint 3
+  for step in range(1, 7):
     first.write({'step': step, 'train/loss': float(step)})
   first.close()
-  second = metrics_lib.MetricsWriter(workdir, start_step=3)
+  second = metrics_lib.MetricsWriter(workdir, start_step=start_step)
   for step in range(4, 8):
     second.write({'step': step, 'train/loss': 10.0 + step})
   second.close()
-  shown = _visible_scalars(os.path.join(workdir, 'tensorboard'),
-                           'train/loss')
+  return _visible_scalars(os.path.join(workdir, 'tensorboard'), 'train/loss')
+
+
+def test_resume_hides_the_stale_tail(tmp_path):
+  # Interrupted after step 6, last checkpoint at step 3.
+  shown = _interrupted_then_resumed(str(tmp_path), start_step=3)
   # Steps 1-3 from the first run, 4-7 from the resumed one, each once.
   assert shown == {1: [1.0], 2: [2.0], 3: [3.0], 4: [14.0], 5: [15.0],
                    6: [16.0], 7: [17.0]}
@@ -67,15 +72,5 @@ def test_resume_hides_the_stale_tail(tmp_path):
 def test_without_the_purge_steps_would_repeat(tmp_path):
   # The check above can fail: the same writes with a purge at step 7
   # (start_step=6, i.e. not the checkpoint's step) leave 4-6 twice.
-  workdir = str(tmp_path)
-  first = metrics_lib.MetricsWriter(workdir)
-  for step in range(1, 7):
-    first.write({'step': step, 'train/loss': float(step)})
-  first.close()
-  second = metrics_lib.MetricsWriter(workdir, start_step=6)
-  for step in range(4, 8):
-    second.write({'step': step, 'train/loss': 10.0 + step})
-  second.close()
-  shown = _visible_scalars(os.path.join(workdir, 'tensorboard'),
-                           'train/loss')
+  shown = _interrupted_then_resumed(str(tmp_path), start_step=6)
   assert shown[4] == [4.0, 14.0] and shown[7] == [17.0]
