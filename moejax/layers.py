@@ -30,8 +30,9 @@ Param tree of one MoeLayer (checkpoint converters rely on these names):
     experts/wo       [E, F, D]
     shared/...       DenseFfn of width num_shared_experts * shared_d_ff
     shared_gate      [D, 1] (when shared_gate)
-State (collection 'moe_state', when bias_update_rate > 0):
-    router/bias      [E] float32, the loss-free balancing bias
+State (collection 'moe_state', when bias_update_rate > 0 or selection_bias):
+    router/bias      [E] float32, the selection bias (loss-free balancing,
+                     or fixed)
 
 RNG streams: 'router' (jitter and the 'random' second-expert policy), used
 only when `deterministic=False`.
@@ -59,7 +60,8 @@ NONCAUSAL_PRIORITIES = ('score',)
 TOPK_ONLY = (('top_k', 1), ('priority', 'choice'),
              ('second_expert_policy', 'all'), ('renormalize', False),
              ('routed_scaling', 1.0), ('jitter_eps', 0.0), ('num_groups', 1),
-             ('topk_groups', None), ('bias_update_rate', 0.0))
+             ('topk_groups', None), ('group_score', 'top2_sum'),
+             ('bias_update_rate', 0.0), ('selection_bias', False))
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -144,6 +146,8 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
     _check_positive_int('group_size', layer.group_size)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
   routing.check_choice('priority', layer.priority, routing.PRIORITIES)
+  routing.check_choice('group_score', layer.group_score,
+                       routing.GROUP_SCORES)
   routing.check_choice('second_expert_policy', layer.second_expert_policy,
                        routing.SECOND_EXPERT_POLICIES)
   routing.check_choice('dispatcher', layer.dispatcher,
@@ -188,8 +192,13 @@ class MoeLayer(nn.Module):
     jitter_eps: multiplicative router-input jitter (training only); 0 = off.
     num_groups: expert groups for group-limited selection (1 = off).
     topk_groups: groups each token may choose from (None = all).
+    group_score: a group's score in group-limited selection: 'top2_sum'
+      (DeepSeek-V3) | 'max' (DeepSeek-V2 group_limited_greedy).
     bias_update_rate: loss-free balancing speed gamma (DeepSeek-V3: 0.001);
       0 = off. The bias is state in 'moe_state' (see routing.Router).
+    selection_bias: keep a selection bias in 'moe_state' even with
+      bias_update_rate 0: a fixed bias, read and never updated (an imported
+      DeepSeek-V3 e_score_correction_bias).
     granularity: m, fine-grained experts (m*E experts of width F/m, m*K
       chosen; DeepSeekMoE).
     num_shared_experts: dense FFNs applied to every token, added to the
@@ -232,7 +241,9 @@ class MoeLayer(nn.Module):
   jitter_eps: float = 0.0
   num_groups: int = 1
   topk_groups: Optional[int] = None
+  group_score: str = 'top2_sum'
   bias_update_rate: float = 0.0
+  selection_bias: bool = False
   granularity: int = 1
   num_shared_experts: int = 0
   shared_d_ff: Optional[int] = None
@@ -301,8 +312,9 @@ class MoeLayer(nn.Module):
           second_expert_policy=self.second_expert_policy,
           second_expert_threshold=self.second_expert_threshold,
           jitter_eps=self.jitter_eps, num_groups=self.num_groups,
-          topk_groups=self.topk_groups,
-          bias_update_rate=self.bias_update_rate, name='router')
+          topk_groups=self.topk_groups, group_score=self.group_score,
+          bias_update_rate=self.bias_update_rate,
+          selection_bias=self.selection_bias, name='router')
     return router(xg, capacity, valid_g, deterministic)
 
   def _experts(self, ragged: bool = False) -> nn.Module:

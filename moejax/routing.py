@@ -41,6 +41,10 @@ from moejax import losses
 SCORE_FNS = ('softmax', 'sigmoid')
 PRIORITIES = ('choice', 'token', 'score')
 SECOND_EXPERT_POLICIES = ('all', 'random')
+# How group-limited selection scores a group: the sum of its two best
+# selection scores (DeepSeek-V3) or its best one (DeepSeek-V2's
+# 'group_limited_greedy').
+GROUP_SCORES = ('top2_sum', 'max')
 
 
 @struct.dataclass
@@ -109,18 +113,22 @@ def top_k_indices(x: jax.Array, k: int) -> jax.Array:
 
 
 def group_limited_mask(selection: jax.Array, num_groups: int,
-                       topk_groups: int) -> jax.Array:
-  """Which experts group-limited selection allows (DeepSeek-V3).
+                       topk_groups: int,
+                       group_score: str = 'top2_sum') -> jax.Array:
+  """Which experts group-limited selection allows (DeepSeek-V2/V3).
 
   The E experts form `num_groups` contiguous groups of E / num_groups. A
   group's score is the sum of its two largest selection scores (its single
-  score if a group holds one expert); the `topk_groups` best groups stay
-  selectable (ties go to the lower group index).
+  score if a group holds one expert; 'top2_sum', DeepSeek-V3) or its
+  largest one ('max', DeepSeek-V2's group_limited_greedy); the
+  `topk_groups` best groups stay selectable (ties go to the lower group
+  index).
 
   Args:
     selection: [G, S, E] selection scores (scores + bias).
     num_groups: number of expert groups (divides E).
     topk_groups: groups kept per token, 1 <= topk_groups <= num_groups.
+    group_score: 'top2_sum' | 'max'.
 
   Returns:
     [G, S, E] bool, True where the expert's group is kept.
@@ -128,13 +136,15 @@ def group_limited_mask(selection: jax.Array, num_groups: int,
   Example: E=4, 2 groups, topk_groups=1, selection [.1, .2, .9, 0]: group
   scores .1+.2=.3 and .9+0=.9, so only experts 2 and 3 stay selectable.
   """
+  check_choice('group_score', group_score, GROUP_SCORES)
   g, s, e = selection.shape
   per_group = e // num_groups
   grouped = selection.reshape(g, s, num_groups, per_group)
-  best = jnp.take_along_axis(
-      grouped, top_k_indices(grouped, min(2, per_group)), axis=-1)
-  group_score = best.sum(-1)  # [G, S, NG]
-  kept_groups = top_k_indices(group_score, topk_groups)  # [G, S, TG]
+  best_of = 1 if group_score == 'max' else min(2, per_group)
+  best = jnp.take_along_axis(grouped, top_k_indices(grouped, best_of),
+                             axis=-1)
+  scored = best.sum(-1)  # [G, S, NG]
+  kept_groups = top_k_indices(scored, topk_groups)  # [G, S, TG]
   keep = jax.nn.one_hot(kept_groups, num_groups, dtype=jnp.int32).sum(-2)
   return jnp.repeat(keep > 0, per_group, axis=-1)  # [G, S, E]
 
@@ -142,7 +152,8 @@ def group_limited_mask(selection: jax.Array, num_groups: int,
 def select_top_k(scores: jax.Array, k: int,
                  bias: Optional[jax.Array] = None,
                  num_groups: int = 1,
-                 topk_groups: Optional[int] = None):
+                 topk_groups: Optional[int] = None,
+                 group_score: str = 'top2_sum'):
   """Top-K experts per token.
 
   Args:
@@ -153,6 +164,7 @@ def select_top_k(scores: jax.Array, k: int,
     num_groups: expert groups for group-limited selection (1 = off).
     topk_groups: groups kept per token (None = all; see
       `group_limited_mask`).
+    group_score: how a group is scored ('top2_sum' | 'max').
 
   Returns:
     expert_index [G, S, K] int32 (best first; ties go to the lower index) and
@@ -160,7 +172,8 @@ def select_top_k(scores: jax.Array, k: int,
   """
   selection = scores if bias is None else scores + bias.astype(scores.dtype)
   if topk_groups is not None and topk_groups < num_groups:
-    allowed = group_limited_mask(selection, num_groups, topk_groups)
+    allowed = group_limited_mask(selection, num_groups, topk_groups,
+                                 group_score)
     selection = jnp.where(allowed, selection, -jnp.inf)
   expert_index = top_k_indices(selection, k)  # [G, S, K]
   gate = jnp.take_along_axis(scores, expert_index, axis=-1)
@@ -278,7 +291,8 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
                 second_expert_rng: Optional[jax.Array] = None,
                 second_expert_threshold: float = 0.2,
                 num_groups: int = 1,
-                topk_groups: Optional[int] = None) -> RoutingDecision:
+                topk_groups: Optional[int] = None,
+                group_score: str = 'top2_sum') -> RoutingDecision:
   """Token-choice top-K routing with capacity, from scores.
 
   Args:
@@ -293,7 +307,8 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
     second_expert_rng: if given, apply GShard's 'random' policy to choices
       k >= 1 with this key (training only; the caller decides).
     second_expert_threshold: the policy's threshold (0.2).
-    num_groups, topk_groups: group-limited selection (see `select_top_k`).
+    num_groups, topk_groups, group_score: group-limited selection (see
+      `select_top_k`).
 
   Returns:
     A RoutingDecision.
@@ -304,7 +319,8 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
   expert 0 dropped.
   """
   g, s, e = scores.shape
-  expert_index, gate = select_top_k(scores, k, bias, num_groups, topk_groups)
+  expert_index, gate = select_top_k(scores, k, bias, num_groups, topk_groups,
+                                    group_score)
   valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
   request = jnp.broadcast_to(valid[..., None], (g, s, k))
   if second_expert_rng is not None and k > 1:
@@ -325,6 +341,10 @@ class Router(nn.Module):
   is unstable). Randomness (jitter, the 'random' second-expert policy) is
   drawn from the 'router' RNG stream and used only when
   `deterministic=False`.
+
+  A fixed selection bias (`selection_bias=True`, rate 0: DeepSeek-V3's
+  e_score_correction_bias at inference) lives in the same place and is only
+  read.
 
   Loss-free balancing (`bias_update_rate` > 0): a selection bias [E] lives
   in the 'moe_state' collection (`moe_state/.../router/bias`, zeros at
@@ -349,14 +369,16 @@ class Router(nn.Module):
   jitter_eps: float = 0.0
   num_groups: int = 1
   topk_groups: Optional[int] = None
+  group_score: str = 'top2_sum'
   bias_update_rate: float = 0.0
+  selection_bias: bool = False
   # Switch Transformer: truncated normal with scale 0.1 / fan_in.
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
       0.1, 'fan_in', 'truncated_normal')
 
   def _bias(self):
-    """The loss-free balancing bias variable, or None when it is off."""
-    if self.bias_update_rate <= 0:
+    """The selection bias variable, or None when there is none."""
+    if self.bias_update_rate <= 0 and not self.selection_bias:
       return None
     return self.variable('moe_state', 'bias', jnp.zeros,
                          (self.num_experts,), jnp.float32)
@@ -388,12 +410,14 @@ class Router(nn.Module):
         renormalize=self.renormalize, scale=self.routed_scaling,
         second_expert_rng=policy_rng,
         second_expert_threshold=self.second_expert_threshold,
-        num_groups=self.num_groups, topk_groups=self.topk_groups)
+        num_groups=self.num_groups, topk_groups=self.topk_groups,
+        group_score=self.group_score)
     probs = losses.expert_probs(scores, self.score_fn)
     aux = {'aux_loss': losses.load_balance_loss(probs, decision, valid),
            'z_loss': losses.z_loss(logits, valid)}
     aux.update(losses.routing_metrics(probs, decision, valid))
-    if (bias is not None and not deterministic and
+    if (bias is not None and self.bias_update_rate > 0 and
+        not deterministic and
         self.is_mutable_collection('moe_state')):
       counts = losses.choice_counts(decision, valid).sum(0)  # [E]
       bias.value = loss_free_bias_update(bias.value, counts,

@@ -4,19 +4,24 @@ Axis letters: B batch, L sequence length, D model width, H heads, Dh head
 width (D / H), F FFN hidden width, E experts, K chosen experts, V vocab.
 
 Block i (pre-norm):
-    x = x + attn(attn_norm(x))      causal multi-head self-attention, RoPE
+    x = x + attn(attn_norm(x))      causal self-attention with RoPE:
+                                    multi-head / grouped-query, or MLA
+                                    (moejax.models.attention)
     x = x + ffn(ffn_norm(x))        DenseFfn, or MoeLayer(causal=True)
 Block i has an MoE FFN iff MoE is on and i is in
-`moe_layer_indices(num_layers, moe_every, first_dense_layers)`.
+`moe_layer_indices(num_layers, moe_every, first_dense_layers,
+dense_layers)`; its dense FFN is `dense_d_ff` wide (default F).
 
 Param tree of a TransformerLM (shapes for activation 'relu' | 'gelu'):
 
     embed/embedding              [V, D]
     block_{i}/attn_norm/scale    [D]
     block_{i}/attn/query         [D, H, Dh]
-    block_{i}/attn/key           [D, H, Dh]
-    block_{i}/attn/value         [D, H, Dh]
+    block_{i}/attn/key           [D, KV, Dh]   (KV = num_kv_heads, default H)
+    block_{i}/attn/value         [D, KV, Dh]
     block_{i}/attn/out           [H, Dh, D]
+    (+ attn/query_bias etc. with attn_bias, attn/query_norm, key_norm with
+    qk_norm, and MLA's tree with attention='mla': moejax.models.attention)
     block_{i}/ffn_norm/scale     [D]
     dense block:
       block_{i}/ffn/wi           [D, F]
@@ -33,14 +38,16 @@ the same shape. With tied embeddings the logits are
 `final_norm(x) @ embedding.T / sqrt(D)` (the 1/sqrt(D) keeps unit-variance
 embeddings from giving logits of scale sqrt(D) at init, as in T5/Mesh TF).
 
+Decoding: `decode=True` runs the next positions against a KV cache
+(collection 'cache'); `moejax.generate` drives it.
+
 RNG streams: 'router' only, and only for MoE layers with `jitter_eps > 0` or
 `second_expert_policy='random'` when `deterministic=False`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -49,11 +56,22 @@ from flax.core import FrozenDict
 
 from moejax.experts import DenseFfn
 from moejax.layers import MoeLayer
+from moejax.models.attention import AttentionOptions
+from moejax.models.attention import LatentAttention
+from moejax.models.attention import SelfAttention
+from moejax.models.attention import apply_rope  # pylint: disable=unused-import
+from moejax.models.attention import attention_mask  # pylint: disable=unused-import
+
+# The attention module's former name (it was causal-only at first).
+CausalSelfAttention = SelfAttention
 
 # MoeLayer arguments the model sets itself; a `moe` mapping may not hold them.
 RESERVED_MOE_KEYS = ('d_ff', 'activation', 'dtype', 'param_dtype', 'causal')
 # Per-layer aux entries averaged over the MoE layers into the model's aux.
 MEAN_AUX_KEYS = ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation')
+# The keys of TransformerLM.mla (DeepSeek multi-head latent attention).
+MLA_KEYS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
+            'qk_rope_head_dim', 'v_head_dim')
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -62,17 +80,23 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def moe_layer_indices(num_layers: int, moe_every: int = 1,
-                      first_dense_layers: int = 0) -> tuple[int, ...]:
+                      first_dense_layers: int = 0,
+                      dense_layers: Sequence[int] = ()) -> tuple[int, ...]:
   """Which blocks get an MoE FFN (when MoE is on at all).
 
-  Block i (0-based) is MoE iff i >= first_dense_layers and
-  (i + 1 - first_dense_layers) % moe_every == 0, so moe_every=2 gives
-  1, 3, 5, ... (GShard / Switch "every other layer").
+  Block i (0-based) is MoE iff i >= first_dense_layers,
+  (i + 1 - first_dense_layers) % moe_every == 0 and i is not in
+  `dense_layers`, so moe_every=2 gives 1, 3, 5, ... (GShard / Switch "every
+  other layer"; Qwen2-MoE's decoder_sparse_step), first_dense_layers is
+  DeepSeek's first_k_dense_replace and dense_layers Qwen-MoE's
+  mlp_only_layers.
 
   Args:
     num_layers: number of blocks (>= 0).
     moe_every: one MoE block in every `moe_every` (>= 1).
     first_dense_layers: leading blocks that are always dense (>= 0).
+    dense_layers: further blocks that are always dense (indices in
+      [0, num_layers)).
 
   Returns:
     Sorted tuple of block indices. Example: (6, 2, 1) -> (2, 4).
@@ -80,138 +104,14 @@ def moe_layer_indices(num_layers: int, moe_every: int = 1,
   _check_int('num_layers', num_layers, 0)
   _check_int('moe_every', moe_every, 1)
   _check_int('first_dense_layers', first_dense_layers, 0)
+  for i in dense_layers:
+    if isinstance(i, bool) or not isinstance(i, int) or not (
+        0 <= i < num_layers):
+      raise ValueError(f'dense_layers holds {i!r}; allowed values: block '
+                       f'indices in [0, {num_layers}).')
   return tuple(i for i in range(first_dense_layers, num_layers)
-               if (i + 1 - first_dense_layers) % moe_every == 0)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array,
-               base: float = 10000.0) -> jax.Array:
-  """Rotary position embedding (rotate-half / GPT-NeoX pairing).
-
-  Feature j < Dh/2 is paired with feature j + Dh/2 and the pair is rotated
-  by the angle position * base^(-2j/Dh). Rotations preserve norms, and
-  <rope(q, i), rope(k, j)> depends on i - j only. Computed in float32.
-
-  Args:
-    x: [B, L, H, Dh] queries or keys, Dh even.
-    positions: [L] or [B, L] integer (or float) positions.
-    base: the frequency base (10000 in RoFormer).
-
-  Returns:
-    [B, L, H, Dh], same dtype as x.
-  """
-  dh = x.shape[-1]
-  if dh % 2:
-    raise ValueError(f'apply_rope needs an even head width, got {dh}.')
-  half = dh // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / dh)
-  pos = jnp.asarray(positions, jnp.float32)
-  angle = pos[..., None] * inv_freq  # [L, Dh/2] or [B, L, Dh/2]
-  if angle.ndim == 2:
-    angle = angle[None]
-  cos = jnp.cos(angle)[:, :, None, :]  # [B or 1, L, 1, Dh/2]
-  sin = jnp.sin(angle)[:, :, None, :]
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., :half], xf[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
-def attention_mask(length: int,
-                   padding_mask: Optional[jax.Array] = None,
-                   causal: bool = True) -> jax.Array:
-  """Which keys each query may attend to: causal (if asked), and not padding.
-
-  Args:
-    length: L.
-    padding_mask: optional [B, L] bool, True = padding.
-    causal: only keys j <= i (decoder); False: every real key (encoder).
-
-  Returns:
-    [B or 1, 1, L, L] bool, [b, 0, i, j] True iff (j <= i or not causal)
-    and key j is real.
-  """
-  allowed = jnp.ones((length, length), bool)
-  if causal:
-    allowed = jnp.tril(allowed)
-  allowed = allowed[None, None]
-  if padding_mask is None:
-    return allowed
-  return allowed & ~padding_mask.astype(bool)[:, None, None, :]
-
-
-def _matrix_init(num_in_axes: int) -> nn.initializers.Initializer:
-  """Fan-in truncated normal for a kernel whose first `num_in_axes` axes are
-  inputs, e.g. [D, H, Dh] (1) or [H, Dh, D] (2).
-
-  Draws a 2-D [in, out] matrix and reshapes it: same distribution as
-  variance_scaling with tuple axes, but XLA:CPU compiles 3-D threefry draws
-  with small minor axes very slowly (seconds per kernel).
-  """
-  base = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
-
-  def init(key, shape, dtype=jnp.float32):
-    fan_in = math.prod(shape[:num_in_axes])
-    return base(key, (fan_in, math.prod(shape) // fan_in), dtype).reshape(
-        shape)
-
-  return init
-
-
-class CausalSelfAttention(nn.Module):
-  """Multi-head self-attention with RoPE on q and k, no biases; causal
-  unless `causal=False` (the encoder).
-
-  Params: `query`, `key`, `value` [D, H, Dh] and `out` [H, Dh, D].
-  Scores and softmax are float32; a query with no allowed key (a padding
-  position with only padding before it) outputs zeros.
-
-  Attributes:
-    num_heads: H (must divide D).
-    rope_base: RoPE frequency base.
-    dtype: compute dtype of the projections and the value mixing.
-    param_dtype: storage dtype of the kernels.
-    causal: mask future keys (False: bidirectional, for encoders).
-  """
-  num_heads: int
-  rope_base: float = 10000.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  causal: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array,
-               padding_mask: Optional[jax.Array] = None) -> jax.Array:
-    """Attends causally.
-
-    Args:
-      x: [B, L, D].
-      padding_mask: optional [B, L] bool, True = padding (never a key).
-
-    Returns:
-      [B, L, D] in `dtype`.
-    """
-    _, l, d = x.shape
-    h = self.num_heads
-    dh = d // h
-    in_init = _matrix_init(1)  # fan_in = D
-    out_init = _matrix_init(2)  # fan_in = H * Dh
-    x = x.astype(self.dtype)
-    q, k, v = (jnp.einsum('BLD,DHK->BLHK', x, self.param(
-        name, in_init, (d, h, dh), self.param_dtype).astype(self.dtype))
-               for name in ('query', 'key', 'value'))
-    positions = jnp.arange(l)
-    q = apply_rope(q, positions, self.rope_base)
-    k = apply_rope(k, positions, self.rope_base)
-    scores = jnp.einsum('BLHK,BMHK->BHLM', q, k,
-                        preferred_element_type=jnp.float32)
-    scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(dh))
-    mask = attention_mask(l, padding_mask, self.causal)  # [B|1, 1, L, L]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-    mixed = jnp.einsum('BHLM,BMHK->BLHK', probs.astype(self.dtype), v)
-    out = self.param('out', out_init, (h, dh, d), self.param_dtype)
-    return jnp.einsum('BLHK,HKD->BLD', mixed, out.astype(self.dtype))
+               if (i + 1 - first_dense_layers) % moe_every == 0 and
+               i not in dense_layers)
 
 
 class Block(nn.Module):
@@ -219,14 +119,17 @@ class Block(nn.Module):
 
   Attributes:
     num_heads: H.
-    d_ff: F (each expert's width for MoE).
+    d_ff: F (each expert's width for MoE; the dense FFN's width otherwise).
     activation: FFN activation.
     moe: MoeLayer keyword args (hashable mapping) or None for a dense FFN.
-    rope_base: RoPE base.
+    rope_base: RoPE base (used when `attention` is None).
     dtype: compute dtype.
     param_dtype: parameter dtype.
     causal: causal attention and MoeLayer(causal=True) (decoder); False for
       the encoder.
+    attention: AttentionOptions (None: plain multi-head attention with
+      `rope_base`).
+    norm_eps: epsilon of the block's two RMSNorms.
   """
   num_heads: int
   d_ff: int
@@ -236,26 +139,33 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   causal: bool = True
+  attention: Optional[AttentionOptions] = None
+  norm_eps: float = 1e-6
+
+  def _attention(self) -> nn.Module:
+    options = self.attention or AttentionOptions(rope_base=self.rope_base)
+    kind = LatentAttention if options.kind == 'mla' else SelfAttention
+    return kind(self.num_heads, options, self.dtype, self.param_dtype,
+                self.causal, name='attn')
 
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
-               deterministic: bool = True):
+               deterministic: bool = True, decode: bool = False):
     """Applies the block.
 
     Args:
       x: [B, L, D] residual stream.
       padding_mask: optional [B, L] bool, True = padding.
       deterministic: eval mode (passed to the MoeLayer).
+      decode: attend through the KV cache (see `SelfAttention`).
 
     Returns:
       x [B, L, D] and the MoeLayer aux dict (None for a dense block).
     """
-    norm = lambda name: nn.RMSNorm(dtype=self.dtype,
+    norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name=name)
     h = norm('attn_norm')(x)
-    x = x + CausalSelfAttention(self.num_heads, self.rope_base, self.dtype,
-                                self.param_dtype, self.causal,
-                                name='attn')(h, padding_mask)
+    x = x + self._attention()(h, padding_mask, decode)
     h = norm('ffn_norm')(x)
     if self.moe is None:
       y = DenseFfn(self.d_ff, self.activation, self.dtype, self.param_dtype,
@@ -308,17 +218,33 @@ class TransformerLM(nn.Module):
   Attributes (the first four are required; pass all by keyword):
     num_layers: number of blocks.
     d_model: D.
-    num_heads: H; must divide D, and D / H must be even (RoPE).
-    d_ff: F, the dense FFN width and each expert's width.
-    vocab_size: V (256: bytes).
+    num_heads: H; must divide D unless `head_dim` is set; heads even (RoPE).
+    d_ff: F, each expert's width (and the dense FFN width unless
+      `dense_d_ff` is set).
+    vocab_size: V (256: bytes; any size).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     moe: keyword args for MoeLayer (all but d_ff, activation, dtype,
       param_dtype, causal); None or num_experts == 0 means all dense.
       Stored as a FrozenDict so the module stays hashable.
     moe_every: one MoE block in every `moe_every` (see moe_layer_indices).
     first_dense_layers: leading blocks that are always dense.
-    tie_embeddings: output logits through the input embedding.
-    rope_base: RoPE frequency base.
+    dense_layers: further always-dense blocks (Qwen-MoE mlp_only_layers).
+    dense_d_ff: width of the dense FFN blocks (None = d_ff); DeepSeek and
+      Qwen-MoE give dense blocks a wider FFN than an expert.
+    tie_embeddings: output logits through the input embedding (scaled by
+      1/sqrt(D)); False: a separate `head/kernel` [D, V], unscaled.
+    rope_base: RoPE frequency base (rope_theta).
+    rope_interleave: RoPE pairs features (2j, 2j+1) (DeepSeek checkpoints).
+    norm_eps: epsilon of every RMSNorm (HF rms_norm_eps).
+    num_kv_heads: grouped-query attention's KV heads (None = num_heads).
+    head_dim: Dh (None = d_model / num_heads).
+    qk_norm: 'none' | 'head' (Qwen3) | 'full' (OLMoE).
+    attn_bias: q, k, v projection biases (Qwen2).
+    attention: 'mha' | 'mla' (DeepSeek multi-head latent attention).
+    mla: with attention='mla', {'q_lora_rank': int or None, 'kv_lora_rank',
+      'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim'}.
+    sliding_window: None, or a window >= every sequence length used
+      (Mixtral's configs); longer sequences are refused.
     dtype: compute dtype (logits are always float32).
     param_dtype: parameter dtype (the routers are always float32).
   """
@@ -331,8 +257,19 @@ class TransformerLM(nn.Module):
   moe: Optional[Mapping] = None
   moe_every: int = 1
   first_dense_layers: int = 0
+  dense_layers: Sequence[int] = ()
+  dense_d_ff: Optional[int] = None
   tie_embeddings: bool = True
   rope_base: float = 10000.0
+  rope_interleave: bool = False
+  norm_eps: float = 1e-6
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  qk_norm: str = 'none'
+  attn_bias: bool = False
+  attention: str = 'mha'
+  mla: Optional[Mapping] = None
+  sliding_window: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   # Read by the train step (moejax.train.step): next-token cross-entropy.
@@ -342,16 +279,46 @@ class TransformerLM(nn.Module):
     for name, minimum in (('vocab_size', 1), ('num_layers', 0),
                           ('d_model', 1), ('num_heads', 1), ('d_ff', 1)):
       _check_int(name, getattr(self, name), minimum)
-    if self.d_model % self.num_heads:
-      raise ValueError(f'num_heads={self.num_heads} must divide '
-                       f'd_model={self.d_model}.')
-    if (self.d_model // self.num_heads) % 2:
-      raise ValueError(f'd_model / num_heads = {self.d_model} / '
-                       f'{self.num_heads} must be even for RoPE.')
+    if self.dense_d_ff is not None:
+      _check_int('dense_d_ff', self.dense_d_ff, 1)
+    if self.attention == 'mha' and self.head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(f'num_heads={self.num_heads} must divide '
+                         f'd_model={self.d_model}.')
+      if (self.d_model // self.num_heads) % 2:
+        raise ValueError(f'd_model / num_heads = {self.d_model} / '
+                         f'{self.num_heads} must be even for RoPE.')
+    object.__setattr__(self, 'dense_layers', tuple(self.dense_layers))
     moe_layer_indices(self.num_layers, self.moe_every,
-                      self.first_dense_layers)  # validates the placement args
+                      self.first_dense_layers, self.dense_layers)
+    self.attention_options.validate(self.d_model, self.num_heads)
     object.__setattr__(self, 'moe', freeze_moe(self.moe, self.d_ff))
+    if self.mla is not None:
+      object.__setattr__(self, 'mla', FrozenDict(self.mla))
     super().__post_init__()
+
+  @property
+  def attention_options(self) -> AttentionOptions:
+    """The blocks' AttentionOptions, from the attention attributes."""
+    mla = dict(self.mla or {})
+    unknown = sorted(set(mla) - set(MLA_KEYS))
+    if unknown:
+      raise ValueError(f'mla holds unknown keys {unknown}; allowed keys: '
+                       f'{", ".join(MLA_KEYS)}.')
+    if self.attention != 'mla' and mla:
+      raise ValueError("mla is set but attention='mha'; allowed: "
+                       "attention='mla' with mla, or mla=None.")
+    if self.attention == 'mla':
+      missing = sorted(set(MLA_KEYS) - set(mla))
+      if missing:
+        raise ValueError(f"attention='mla' needs mla[{missing[0]!r}] "
+                         f'(keys: {", ".join(MLA_KEYS)}).')
+    return AttentionOptions(
+        kind=self.attention, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, qk_norm=self.qk_norm, bias=self.attn_bias,
+        norm_eps=self.norm_eps, rope_base=self.rope_base,
+        rope_interleave=self.rope_interleave,
+        sliding_window=self.sliding_window, **mla)
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
@@ -359,7 +326,7 @@ class TransformerLM(nn.Module):
     if self.moe is None:
       return ()
     return moe_layer_indices(self.num_layers, self.moe_every,
-                             self.first_dense_layers)
+                             self.first_dense_layers, self.dense_layers)
 
   def _logits(self, embed: nn.Embed, x: jax.Array) -> jax.Array:
     """Final-normed x [B, L, D] -> float32 logits [B, L, V]."""
@@ -370,10 +337,18 @@ class TransformerLM(nn.Module):
                         param_dtype=self.param_dtype, name='head')(x)
     return logits.astype(jnp.float32)
 
+  def _block(self, i: int, moe_layers) -> Block:
+    moe = self.moe if i in moe_layers else None
+    d_ff = self.d_ff if moe is not None else (self.dense_d_ff or self.d_ff)
+    return Block(self.num_heads, d_ff, self.activation, moe, self.rope_base,
+                 self.dtype, self.param_dtype,
+                 attention=self.attention_options, norm_eps=self.norm_eps,
+                 name=f'block_{i}')
+
   @nn.compact
   def __call__(self, tokens: jax.Array,
                padding_mask: Optional[jax.Array] = None,
-               deterministic: bool = True):
+               deterministic: bool = True, decode: bool = False):
     """Runs the model.
 
     Args:
@@ -382,6 +357,10 @@ class TransformerLM(nn.Module):
         key and never routed (no expert capacity, not in any MoE metric).
       deterministic: eval mode for the MoE layers (eval capacity factor, no
         router jitter).
+      decode: attend through the KV cache (collection 'cache', mutable):
+        tokens are the next L positions after the cached ones. The cache is
+        created by `model.init(..., decode=True)` with tokens [B, M] of the
+        cache length M (see `moejax.generate`).
 
     Returns:
       logits [B, L, V] float32, and aux: {'layers': {'block_i': MoeLayer
@@ -397,15 +376,12 @@ class TransformerLM(nn.Module):
     moe_layers = set(self.moe_layers)
     layer_aux = {}
     for i in range(self.num_layers):
-      name = f'block_{i}'
-      x, aux = Block(self.num_heads, self.d_ff, self.activation,
-                     self.moe if i in moe_layers else None, self.rope_base,
-                     self.dtype, self.param_dtype, name=name)(
-                         x, padding_mask, deterministic)
+      x, aux = self._block(i, moe_layers)(x, padding_mask, deterministic,
+                                          decode)
       if aux is not None:
-        layer_aux[name] = aux
-    x = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype,
-                   name='final_norm')(x)
+        layer_aux[f'block_{i}'] = aux
+    x = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='final_norm')(x)
     return self._logits(embed, x), summarize_aux(layer_aux)
 
 
