@@ -22,8 +22,12 @@ setuptools.setup(
         'numpy',
         'optax',
         'orbax-checkpoint',
+        # Hugging Face checkpoints in and out (moejax.interop.hf): the
+        # format's own reader/writer, numpy API, no torch.
+        'safetensors',
         'tensorboardX',  # TensorBoard event files without TensorFlow
         'tensorflow-datasets',
+        'tokenizers',  # tokenizer.json of imported models (--prompt TEXT)
         'tqdm',  # progress bar
     ],
     extras_require={

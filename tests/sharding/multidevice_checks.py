@@ -17,6 +17,7 @@ for the single-device reference and the meshes).
 """
 
 import functools
+import os
 import re
 
 import jax
@@ -27,6 +28,7 @@ import pytest
 import moejax
 from moejax import sharding
 from moejax.dispatch import DISPATCHERS
+from moejax.interop import hf
 from moejax.models.transformer import TransformerLM
 from moejax.routing import RoutingDecision
 
@@ -242,6 +244,28 @@ def test_transformer_lm_on_a_mesh_matches_one_device():
     logits = forward(jax.device_put(params, shardings),
                      jax.device_put(tokens, sharding.batch_sharding(mesh)))
   np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_import_onto_a_mesh_matches_one_device():
+  # load_pretrained places each leaf on the mesh as it reads it; the
+  # expert-parallel forward then gives HF's logits (and the 1-device ones).
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                      'fixtures', 'hf', 'olmoe')
+  ref = np.load(os.path.join(path, 'reference.npz'))
+  tokens = np.tile(ref['input_ids'], (2, 1))  # B=4: one row per batch shard
+  model, variables0 = hf.load_pretrained(path)
+  forward = jax.jit(lambda v, t: model.apply(v, t)[0])
+  logits0 = forward(variables0, tokens)
+  mesh = sharding.make_mesh(2, 2, 2)
+  _, variables = hf.load_pretrained(path, mesh=mesh)
+  wi = variables['params']['block_1']['ffn']['experts']['wi_0']  # [E, D, F]
+  assert wi.sharding.spec == jax.sharding.PartitionSpec('expert', None,
+                                                         'model')
+  with jax.set_mesh(mesh):
+    logits = forward(variables,
+                     jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[:2], ref['logits'], atol=1e-4)
 
 
 def test_shard_batch_one_process():
