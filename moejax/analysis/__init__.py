@@ -6,6 +6,7 @@ Public API:
                                             (moejax.analysis.info)
   specialisation, routing_outputs, has_domains,
   domain_ids, expert_domain_counts          (moejax.analysis.capture)
+  capture_routing, LayerRouting             (moejax.analysis.routing_capture)
   routing_statistics, mean_over_layers      (moejax.analysis.stats)
   read_run, run_finished, aggregate,
   add_baseline_delta, write_csv             (moejax.analysis.results)
@@ -33,11 +34,14 @@ from moejax.analysis.results import aggregate
 from moejax.analysis.results import read_run
 from moejax.analysis.results import run_finished
 from moejax.analysis.results import write_csv
+from moejax.analysis.routing_capture import LayerRouting
+from moejax.analysis.routing_capture import capture_routing
 from moejax.analysis.stats import mean_over_layers
 from moejax.analysis.stats import routing_statistics
 
 __all__ = [
-    'add_baseline_delta', 'aggregate', 'contingency', 'domain_ids',
+    'LayerRouting', 'add_baseline_delta', 'aggregate', 'capture_routing',
+    'contingency', 'domain_ids',
     'entropy', 'expert_domain_counts', 'has_domains', 'markdown_report',
     'mean_over_layers', 'mutual_information', 'nmi_from_joint',
     'normalized_mutual_information', 'plots', 'read_run', 'routing_outputs',
