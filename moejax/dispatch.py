@@ -153,6 +153,16 @@ DISPATCHERS = {
     'gather': Dispatcher(gather_dispatch, gather_combine),
 }
 
-# 'ragged' has no [G, E, C, D] buffers, so it is not a `Dispatcher`; the
-# layer runs it through `ragged_plan` / `ragged_dispatch` / `ragged_combine`.
-DISPATCHER_NAMES = tuple(DISPATCHERS) + ('ragged',)
+def per_token_combine(y: jax.Array, decision: RoutingDecision) -> jax.Array:
+  """Each choice's expert output [G, S, K, D] -> [G, S, D]; a dropped
+  choice (or padding) contributes exactly 0."""
+  y = jnp.where(decision.kept[..., None], y, 0)
+  weights = decision.combine_weight.astype(y.dtype)  # [G, S, K]
+  return jnp.einsum('GSKD,GSK->GSD', y, weights)
+
+
+# 'ragged' and 'per_token' have no [G, E, C, D] buffers, so they are not
+# `Dispatcher`s; the layer runs 'ragged' through `ragged_plan` /
+# `ragged_dispatch` / `ragged_combine`, and 'per_token' through
+# `experts.TokenExpertBank` and `per_token_combine`.
+DISPATCHER_NAMES = tuple(DISPATCHERS) + ('ragged', 'per_token')

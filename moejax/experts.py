@@ -163,3 +163,32 @@ class RaggedExpertBank(nn.Module):
     grouped = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)  # [N, .]
     return _ffn(self, x, (e, d, f), (e, f, d), expert_kernel_init(),
                 grouped, grouped)
+
+
+class TokenExpertBank(nn.Module):
+  """The expert bank applied token by token: each token's K chosen experts'
+  weights are gathered and applied to it (no buffers, no capacity slots).
+
+  Same params as `ExpertBank` (names, shapes, init). It reads N*K expert
+  weight sets ([N, K, D, F] gathered), so it is the fast path when few
+  tokens meet many experts (decoding: N*K < E, where the buffer
+  dispatchers run all E experts); for many tokens it costs N*K/E times the
+  weight memory of `ExpertBank`.
+
+  __call__: x [N, D], expert_index [N, K] -> [N, K, D], the output of
+  expert expert_index[n, k] on token n.
+  """
+  num_experts: int
+  d_ff: int
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, expert_index: jax.Array) -> jax.Array:
+    e, d, f = self.num_experts, x.shape[-1], self.d_ff
+    idx = expert_index.astype(jnp.int32)
+    matmul_in = lambda a, w: jnp.einsum('ND,NKDF->NKF', a, w[idx])
+    matmul_out = lambda h, w: jnp.einsum('NKF,NKFD->NKD', h, w[idx])
+    return _ffn(self, x, (e, d, f), (e, f, d), expert_kernel_init(),
+                matmul_in, matmul_out)

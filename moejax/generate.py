@@ -10,6 +10,8 @@ Flow:
     prefill(prompt [B, P])          -> logits [B, P, V], cache (index P)
     token_1 = sample_logits(logits[:, -1])                        [B]
     decode_step(token_n [B])        -> logits [B, V], cache (index + 1)
+                                       (step_model: B*K < E tokens use the
+                                       'per_token' dispatcher)
     token_{n+1} = sample_logits(logits)         ... until N new tokens
     -> tokens [B, P + N]
 
@@ -152,6 +154,32 @@ def inference_model(model: TransformerLM) -> TransformerLM:
   if model.moe is None:
     return model
   return model.clone(moe={**model.moe, **NO_CAPACITY})
+
+
+def step_model(model: TransformerLM, batch_size: int) -> TransformerLM:
+  """The model of one decode step of `batch_size` tokens.
+
+  With fewer token-choices than experts (B * K < E), the buffer
+  dispatchers would run every expert on a one-slot buffer (E/K times the
+  expert FLOPs and weight reads of the chosen experts); the 'per_token'
+  dispatcher instead gathers each token's K experts' weights. Same params,
+  same outputs (tests/test_routers.py); other cases keep the dispatcher.
+
+  Args:
+    model: the inference model (`inference_model`).
+    batch_size: B, tokens per decode step.
+
+  Returns:
+    `model`, or its clone with dispatcher='per_token'.
+  """
+  moe = model.moe
+  if moe is None or moe.get('router', 'topk') != 'topk':
+    return model
+  granularity = moe.get('granularity', 1)
+  chosen = batch_size * moe.get('top_k', 1) * granularity
+  if chosen >= moe['num_experts'] * granularity:
+    return model
+  return model.clone(moe={**moe, 'dispatcher': 'per_token'})
 
 
 def _without_cache(variables: Mapping[str, Any]) -> dict:
@@ -338,6 +366,7 @@ def _decode(model, variables, prompt: np.ndarray, new_tokens: int, rng,
     `timed`: a throw-away step compiles them first)).
   """
   b, p = prompt.shape
+  step = step_model(model, b)
   keys = jax.random.split(jax.random.key(0) if knobs['greedy'] else rng,
                           new_tokens)  # unused when greedy
   cache = init_cache(model, b, p + new_tokens)
@@ -349,11 +378,11 @@ def _decode(model, variables, prompt: np.ndarray, new_tokens: int, rng,
   if timed and new_tokens > 1:  # compiles the step, outside the timing,
     # on a copy of the cache (same placement: one compiled program).
     jax.block_until_ready(_next_token(
-        model, variables, jax.tree.map(jnp.copy, cache), token, keys[0],
+        step, variables, jax.tree.map(jnp.copy, cache), token, keys[0],
         **knobs))
   start = time.perf_counter()
   for n in range(1, new_tokens):
-    token, cache = _next_token(model, variables, cache, token, keys[n],
+    token, cache = _next_token(step, variables, cache, token, keys[n],
                                **knobs)
     new.append(token)
   jax.block_until_ready(token)

@@ -16,7 +16,8 @@ Routers ('router'):
                    2023); its own dense dispatch, never drops.
 Dispatchers ('dispatcher'): 'gather' (default), 'einsum' (one-hot
 reference), 'ragged' (sorted rows + grouped matmuls; dropless with
-capacity_factor=None). Fine-grained experts (`granularity` m) turn E experts
+capacity_factor=None), 'per_token' (each token's K experts' weights
+gathered: for decoding, where few tokens meet many experts). Fine-grained experts (`granularity` m) turn E experts
 of width F, K chosen, into m*E experts of width F/m, m*K chosen; below, E,
 F and K are those effective values.
 
@@ -52,6 +53,7 @@ from moejax import expert_choice
 from moejax import routing
 from moejax import soft_moe
 from moejax.experts import ACTIVATIONS, DenseFfn, ExpertBank, RaggedExpertBank
+from moejax.experts import TokenExpertBank
 
 ROUTERS = ('topk', 'expert_choice', 'soft_moe')
 NONCAUSAL_ROUTERS = ('expert_choice', 'soft_moe')
@@ -87,10 +89,12 @@ def _validate_router_options(layer: 'MoeLayer') -> None:
         raise ValueError(
             f'{name}={getattr(layer, name)!r} applies to router=\'topk\' '
             f'only; with router={layer.router!r} leave it at {required!r}.')
-  if layer.router == 'soft_moe' and layer.dispatcher == 'ragged':
-    raise ValueError("dispatcher='ragged' needs discrete assignments, and "
-                     "router='soft_moe' has its own dense dispatch; allowed "
-                     "values with soft_moe: 'gather', 'einsum' (unused).")
+  if layer.router == 'soft_moe' and layer.dispatcher in ('ragged',
+                                                         'per_token'):
+    raise ValueError(f"dispatcher={layer.dispatcher!r} needs discrete "
+                     "assignments, and router='soft_moe' has its own dense "
+                     "dispatch; allowed values with soft_moe: 'gather', "
+                     "'einsum' (unused).")
   if layer.causal and not layer.allow_noncausal_routing:
     leak = None
     if layer.router in NONCAUSAL_ROUTERS:
@@ -208,7 +212,8 @@ class MoeLayer(nn.Module):
     slots_per_expert: C of 'soft_moe'.
     soft_normalize: 'soft_moe' L2-normalises x and the slot params.
     dispatcher: 'gather' (default, fast) | 'einsum' (one-hot reference) |
-      'ragged' (grouped matmuls; dropless with capacity_factor=None).
+      'ragged' (grouped matmuls; dropless with capacity_factor=None) |
+      'per_token' (gathers each token's K experts' weights; decoding).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     group_size: S; None = one group per sequence (S = L).
     pad_to_group: if B*L is not a multiple of S, pad with padding tokens
@@ -317,8 +322,8 @@ class MoeLayer(nn.Module):
           selection_bias=self.selection_bias, name='router')
     return router(xg, capacity, valid_g, deterministic)
 
-  def _experts(self, ragged: bool = False) -> nn.Module:
-    kind = RaggedExpertBank if ragged else ExpertBank
+  def _experts(self, kind: type = ExpertBank) -> nn.Module:
+    """The expert bank module (`kind`: ExpertBank or a same-params one)."""
     return kind(num_experts=self.effective_experts,
                 d_ff=self.d_ff // self.granularity,
                 activation=self.activation, dtype=self.dtype,
@@ -343,8 +348,14 @@ class MoeLayer(nn.Module):
     if self.dispatcher == 'ragged':
       plan = dispatch_lib.ragged_plan(decision)
       rows = dispatch_lib.ragged_dispatch(xg, plan)  # [N, D]
-      rows = self._experts(ragged=True)(rows, plan.group_sizes)
+      rows = self._experts(RaggedExpertBank)(rows, plan.group_sizes)
       return dispatch_lib.ragged_combine(rows, plan, decision), aux
+    if self.dispatcher == 'per_token':
+      g, s, d = xg.shape
+      y = self._experts(TokenExpertBank)(
+          xg.reshape(g * s, d), decision.expert_index.reshape(g * s, -1))
+      return dispatch_lib.per_token_combine(y.reshape(g, s, -1, d),
+                                            decision), aux
     dispatcher = dispatch_lib.DISPATCHERS[self.dispatcher]
     buffers = dispatcher.dispatch(xg, decision)  # [G, E, C, D]
     self.sow('intermediates', 'dispatched', buffers)

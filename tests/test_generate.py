@@ -376,3 +376,14 @@ def test_cli_prompt_text_with_tokenizer(workdir, tmp_path, capsys,
                         '--max_new_tokens', '4')
   assert code == 2 and err.strip().endswith('pip install tokenizers')
   assert len(err.splitlines()) == 1
+
+
+def test_step_model_gathers_expert_weights_only_for_few_tokens():
+  # B * K < E: 1 * 2 < 8 and 3 * 2 < 8 -> 'per_token'; 4 * 2 = 8 -> kept.
+  model = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=16,
+                        moe=dict(num_experts=8, top_k=2))
+  model = gen.inference_model(model)
+  for b, want in ((1, 'per_token'), (3, 'per_token'), (4, 'gather')):
+    assert gen.step_model(model, b).moe['dispatcher'] == want, b
+  dense = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=16)
+  assert gen.step_model(dense, 1) is dense

@@ -277,27 +277,30 @@ def test_soft_moe_layer_matches_loop_reference():
 
 # ------------------------------------------------- ragged, fine-grained, shared
 
-def _loss_and_grads(layer, variables, x):
+def _loss_and_grads(layer, variables, x, pad=None):
   def loss(params, x):
-    y, _ = layer.apply({'params': params}, x, deterministic=True)
+    y, _ = layer.apply({'params': params}, x, pad, deterministic=True)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
   return jax.value_and_grad(loss, argnums=(0, 1))(variables['params'], x)
 
 
 @pytest.mark.parametrize('cf', [None, 0.5])
-def test_ragged_equals_gather(cf):
+@pytest.mark.parametrize('name', ['ragged', 'per_token'])
+def test_buffer_free_dispatchers_equal_gather(cf, name):
+  # With drops (cf 0.5) and padding (the last 3 tokens of sequence 0).
   x = _x()
+  pad = jnp.zeros(x.shape[:2], bool).at[0, -3:].set(True)
   kw = dict(num_experts=4, d_ff=F, top_k=2, capacity_factor=cf,
             eval_capacity_factor=cf, min_capacity=1, activation='geglu')
   gather = moejax.MoeLayer(**kw, dispatcher='gather')
-  ragged = moejax.MoeLayer(**kw, dispatcher='ragged')
+  ragged = moejax.MoeLayer(**kw, dispatcher=name)
   variables = gather.init(init_key(5), x)
   # Same param tree and init, whichever dispatcher.
   other = ragged.init(init_key(5), x)
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(other)):
     np.testing.assert_array_equal(a, b)
-  (lg, (pg, xg)) = _loss_and_grads(gather, variables, x)
-  (lr, (pr, xr)) = _loss_and_grads(ragged, variables, x)
+  (lg, (pg, xg)) = _loss_and_grads(gather, variables, x, pad)
+  (lr, (pr, xr)) = _loss_and_grads(ragged, variables, x, pad)
   np.testing.assert_allclose(lr, lg, rtol=1e-5)
   np.testing.assert_allclose(xr, xg, rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(pr), jax.tree.leaves(pg)):
