@@ -170,10 +170,12 @@ class TokenExpertBank(nn.Module):
   weights are gathered and applied to it (no buffers, no capacity slots).
 
   Same params as `ExpertBank` (names, shapes, init). It reads N*K expert
-  weight sets ([N, K, D, F] gathered), so it is the fast path when few
-  tokens meet many experts (decoding: N*K < E, where the buffer
-  dispatchers run all E experts); for many tokens it costs N*K/E times the
-  weight memory of `ExpertBank`.
+  weight sets, one (token, choice) pair at a time (`lax.map` over a
+  dynamic index of the expert axis: measured ~5x faster on CPU than
+  materialising the gathered [N, K, D, F] weights), so it is the fast path
+  when few tokens meet many experts (decoding: N*K < E, where the buffer
+  dispatchers run all E experts); for many tokens, or for training, the
+  buffer dispatchers are faster.
 
   __call__: x [N, D], expert_index [N, K] -> [N, K, D], the output of
   expert expert_index[n, k] on token n.
@@ -187,8 +189,17 @@ class TokenExpertBank(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, expert_index: jax.Array) -> jax.Array:
     e, d, f = self.num_experts, x.shape[-1], self.d_ff
-    idx = expert_index.astype(jnp.int32)
-    matmul_in = lambda a, w: jnp.einsum('ND,NKDF->NKF', a, w[idx])
-    matmul_out = lambda h, w: jnp.einsum('NKF,NKFD->NKD', h, w[idx])
+    n, k = expert_index.shape
+    idx = expert_index.reshape(n * k).astype(jnp.int32)
+
+    def per_choice(rows, w):  # [N*K, in] x [E, in, out] -> [N*K, out]
+      return jax.lax.map(
+          lambda r: r[0] @ jax.lax.dynamic_index_in_dim(w, r[1], 0, False),
+          (rows, idx))
+
+    matmul_in = lambda a, w: per_choice(jnp.repeat(a, k, axis=0),
+                                        w).reshape(n, k, -1)  # [N, K, F]
+    matmul_out = lambda h, w: per_choice(h.reshape(n * k, -1),
+                                         w).reshape(n, k, -1)  # [N, K, D]
     return _ffn(self, x, (e, d, f), (e, f, d), expert_kernel_init(),
                 matmul_in, matmul_out)

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import routing
+from moejax.dispatch import DISPATCHER_NAMES
 from moejax.layers import NONCAUSAL_ROUTERS
 from moejax.models.transformer import TransformerLM
 
@@ -356,7 +358,7 @@ def check_generate_args(model: TransformerLM, prompt_ids, max_new_tokens,
 
 
 def _decode(model, variables, prompt: np.ndarray, new_tokens: int, rng,
-            knobs: dict, timed: bool):
+            knobs: dict, timed: bool, step_dispatcher: str = 'auto'):
   """The loop of `generate` on checked arguments (model: the inference
   clone; rng: one key per run, split into one per picked token).
 
@@ -367,6 +369,8 @@ def _decode(model, variables, prompt: np.ndarray, new_tokens: int, rng,
   """
   b, p = prompt.shape
   step = step_model(model, b)
+  if step_dispatcher != 'auto' and model.moe is not None:
+    step = model.clone(moe={**model.moe, 'dispatcher': step_dispatcher})
   keys = jax.random.split(jax.random.key(0) if knobs['greedy'] else rng,
                           new_tokens)  # unused when greedy
   cache = init_cache(model, b, p + new_tokens)
@@ -461,8 +465,8 @@ def generate(model: TransformerLM, variables: Mapping[str, Any],
 
 
 def decode_latency(model: TransformerLM, variables: Mapping[str, Any],
-                   batch_size: int, prompt_len: int,
-                   new_tokens: int) -> dict[str, float]:
+                   batch_size: int, prompt_len: int, new_tokens: int,
+                   step_dispatcher: str = 'auto') -> dict[str, float]:
   """Greedy decode speed, compile time excluded.
 
   Runs `generate_with_stats` on a [batch_size, prompt_len] prompt of zeros
@@ -476,6 +480,8 @@ def decode_latency(model: TransformerLM, variables: Mapping[str, Any],
     prompt_len: P >= 1.
     new_tokens: N >= 2 (the first new token comes from the prefill, the
       N - 1 others from the timed steps).
+    step_dispatcher: the MoE dispatcher of the decode steps; 'auto' =
+      `step_model`'s choice.
 
   Returns:
     {'ms_per_token': wall ms of one step (B tokens), 'tokens_per_s':
@@ -484,6 +490,13 @@ def decode_latency(model: TransformerLM, variables: Mapping[str, Any],
   _check_int('batch_size', batch_size, 1)
   _check_int('prompt_len', prompt_len, 1)
   _check_int('new_tokens', new_tokens, 2)
+  routing.check_choice('step_dispatcher', step_dispatcher,
+                       ('auto',) + DISPATCHER_NAMES)
   prompt = np.zeros((batch_size, prompt_len), np.int32)
-  _, stats = generate_with_stats(model, variables, prompt, new_tokens)
-  return {k: stats[k] for k in ('ms_per_token', 'tokens_per_s')}
+  check_generate_args(model, prompt, new_tokens, 0.0, 1.0, None)
+  _, _, decode_s = _decode(
+      inference_model(model), _without_cache(variables), prompt, new_tokens,
+      None, _knobs(0.0, 1.0), timed=True, step_dispatcher=step_dispatcher)
+  steps = new_tokens - 1
+  return {'ms_per_token': 1e3 * decode_s / steps,
+          'tokens_per_s': batch_size * steps / decode_s}
