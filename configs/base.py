@@ -7,6 +7,14 @@ configs only change the `model.moe` block and pick a size variant. Every
 `model.moe` key but `num_experts` is MoE-only: a dense config
 (`num_experts=0`) must leave them at the defaults here.
 
+The decoder options an imported checkpoint needs (`model.num_kv_heads`,
+`model.head_dim`, `model.qk_norm`, `model.attn_bias`, `model.norm_eps`,
+`model.rope_interleave`, `model.attention` with the `model.mla` block,
+`model.dense_d_ff`, `model.sliding_window`, `model.vocab_size`,
+`model.moe.dense_layers`, `model.moe.group_score`,
+`model.moe.selection_bias`) default to today's models, bit for bit.
+`experiments.convert` writes them from an HF config.json.
+
 Variants (`SIZES`):
   tiny   L=64, D=64, F=128, 2 layers, E=4, B=16, 300 steps: a smoke run.
   small  L=128, D=128, F=256, 4 layers, E=8, B=8, 1000 steps: the research
@@ -26,6 +34,12 @@ NULLABLE = {
     'model.moe.group_size': int,  # None -> one group per sequence
     'model.moe.topk_groups': int,  # None -> every expert group selectable
     'model.moe.shared_d_ff': int,  # None -> d_ff // granularity
+    'model.vocab_size': int,  # None -> the data's vocabulary (V)
+    'model.num_kv_heads': int,  # None -> num_heads (no grouped-query)
+    'model.head_dim': int,  # None -> d_model // num_heads
+    'model.dense_d_ff': int,  # None -> d_ff
+    'model.sliding_window': int,  # None -> every earlier position
+    'model.mla.q_lora_rank': int,  # None -> a full-rank MLA query
     'distributed.coordinator_address': str,  # None -> auto-detect / 1 process
     'distributed.num_processes': int,  # None -> auto-detect
     'distributed.process_id': int,  # None -> auto-detect
@@ -54,8 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   """The full key tree with defaults (a dense model of the 'tiny' size).
 
   Returns:
-    ConfigDict with sections `train`, `data`, `model` (and `model.moe`),
-    `mesh`, `distributed`, plus the top-level `seed`.
+    ConfigDict with sections `train`, `data`, `model` (and `model.moe`,
+    `model.mla`), `init`, `mesh`, `distributed`, plus the top-level `seed`.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0  # init params and the per-step RNG; also the data shuffle seed
@@ -82,7 +96,21 @@ def get_base_config() -> ml_collections.ConfigDict:
       task='lm',
       num_layers=2, d_model=64, num_heads=4, d_ff=128, activation='gelu',
       tie_embeddings=True, rope_base=1e4, dtype='float32',
-      param_dtype='float32'))
+      param_dtype='float32',
+      # Decoder options of imported checkpoints (moejax.interop.hf); the
+      # defaults are the models above. vocab_size None: the data's V.
+      vocab_size=None, num_kv_heads=None, head_dim=None,
+      qk_norm='none',  # | 'head' (Qwen3) | 'full' (OLMoE)
+      attn_bias=False,  # q, k, v projection biases (Qwen2)
+      norm_eps=1e-6,  # every RMSNorm (HF rms_norm_eps)
+      rope_interleave=False,  # RoPE pairs (2j, 2j+1) (DeepSeek)
+      attention='mha',  # | 'mla' (DeepSeek multi-head latent attention)
+      dense_d_ff=None,  # dense FFN blocks' width (None: d_ff)
+      sliding_window=None))  # None, or >= data.seq_len (Mixtral)
+  # MLA sizes (attention='mla' only; 0 = unused, every one >= 1 with MLA).
+  c.model.mla = ml_collections.ConfigDict(dict(
+      q_lora_rank=None, kv_lora_rank=0, qk_nope_head_dim=0,
+      qk_rope_head_dim=0, v_head_dim=0))
   # MoeLayer arguments (see moejax/layers.py for each one's meaning).
   c.model.moe = ml_collections.ConfigDict(dict(
       num_experts=0,  # 0: dense
@@ -100,10 +128,19 @@ def get_base_config() -> ml_collections.ConfigDict:
       shared_gate=False,
       slots_per_expert=1, soft_normalize=False,  # Soft MoE
       group_size=None, moe_every=1, first_dense_layers=0,
+      dense_layers=[],  # further always-dense blocks (Qwen mlp_only_layers)
+      # DeepSeek-V2 scores a group by its best expert ('max'); V3's fixed
+      # e_score_correction_bias is a selection bias in 'moe_state'.
+      group_score='top2_sum', selection_bias=False,
       # priority='score' lets a token's routing see later tokens: a causal
       # LM refuses it unless this is True.
       allow_noncausal_routing=False,
       aux_loss_weight=0.01, z_loss_weight=0.0))
+  # Where step 0's params come from: '' = a fresh init from `seed`; a
+  # moejax work dir = its latest good checkpoint's params and model state
+  # (not its optimizer state; the run starts at step 0). Only a run without
+  # checkpoints of its own uses it (a resume ignores it).
+  c.init = ml_collections.ConfigDict(dict(from_workdir=''))
   # Device mesh ('data', 'expert', 'model'); one size may be -1 (all the
   # remaining devices). The batch is split over data x expert, the experts
   # over expert, expert / FFN hidden widths and heads over model. It sets

@@ -110,7 +110,10 @@ def print_table(rows: Sequence[dict], params: dict) -> None:
         'vs dense |')
   print('|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["model"]} | {r["batch"]} | {r["step_dispatcher"]} | '
+    step = r['step_dispatcher']
+    if r['requested'] == 'auto' and r['model'] == 'moe':
+      step = f'auto ({step})'
+    print(f'| {r["model"]} | {r["batch"]} | {step} | '
           f'{r["ms_per_step"]:.2f} | {r["tokens_per_s"]:.0f} | '
           f'{r["ratio_to_dense"]:.2f} |')
 

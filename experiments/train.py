@@ -2,18 +2,34 @@
 
     python -m experiments.train --config configs/switch.py:tiny \
         --workdir runs/switch_tiny [--config.train.steps=50 ...]
+    python -m experiments.train --workdir runs/imported   # its config.json
+    python -m experiments.train --config configs/switch.py:tiny \
+        --workdir runs/b --init_from runs/a
 
 `--config PATH[:VARIANT]` loads `get_config(VARIANT)` from PATH; every
 `--config.<dotted.key>=<value>` (or `--config.<key> <value>`) overrides one
 key (values are Python literals, `none`/`true`/`false`, or plain strings).
-Re-running the same command in the same workdir resumes from the newest
-intact checkpoint; SIGTERM saves a checkpoint and exits with code 0.
+Without --config, the work dir's stored config.json is the config (keys it
+lacks take their base default); e.g. a work dir made by
+`experiments.convert`. Re-running the same command in the same workdir
+resumes from the newest intact checkpoint; SIGTERM saves a checkpoint and
+exits with code 0.
+
+`--init_from W` (the config key `init.from_workdir`) starts a new run at
+step 0 from the params and model state of work dir W's newest intact
+checkpoint, with a fresh optimizer state. W must hold a checkpoint whose
+param tree and shapes are this config's model's (else exit 2, naming the
+first differing param and both shapes). A work dir that already has
+checkpoints resumes from them and ignores it (the log says so).
 
 A workdir whose config.json differs from the new config is refused with the
 list of differing keys (`key: stored -> new`) unless one of:
   --fresh     move the old run to `<workdir>.old-<n>` and start over;
   --override  continue the run with the new config (the stored config is
               kept as `config.<n>.json`).
+Without --config, overrides of a work dir where no step has been trained
+yet (no checkpoint after step 0, e.g. fresh from experiments.convert) are
+taken as if --override were given: nothing trained would be mixed.
 
 Exit codes (errors print `error: <message>` to stderr):
   0  done, or stopped by SIGTERM after saving a checkpoint;
@@ -22,7 +38,8 @@ Exit codes (errors print `error: <message>` to stderr):
   1  also: jax.distributed could not connect to the coordinator;
   2  bad config or refused workdir: before any data is built or anything
      compiles; the message names the key, the value and what is allowed
-     (a mesh that does not fit the devices or the model included);
+     (a mesh that does not fit the devices or the model included); also
+     an init.from_workdir that cannot initialise the model;
   3  a non-finite loss / gradient: the message names the step and the first
      non-finite MoE layer; the last checkpoint is left intact.
 
@@ -61,6 +78,31 @@ from experiments import workdir_config
 from experiments.config_lib import build_data  # pylint: disable=unused-import
 from experiments.config_lib import build_model  # pylint: disable=unused-import
 from moejax import sharding
+from moejax.train import checkpoint as checkpoint_lib
+from moejax.train import state as state_lib
+from moejax.train.checkpoint import InitSourceError
+
+INIT_KEY = 'init.from_workdir'  # what --init_from sets
+
+
+def parse_overrides(parser: argparse.ArgumentParser,
+                    rest: Sequence[str]) -> dict:
+  """{dotted key: value} of the `--config.<key>=<value>` (or `--config.<key>
+  <value>`) arguments left by `parser.parse_known_args`; anything else is a
+  `parser.error`."""
+  overrides, i = {}, 0
+  while i < len(rest):
+    arg = rest[i]
+    if not arg.startswith('--config.'):
+      parser.error(f'unrecognized argument {arg!r}')
+    key, eq, value = arg[len('--config.'):].partition('=')
+    if not eq:
+      if i + 1 >= len(rest):
+        parser.error(f'{arg} needs a value')
+      value, i = rest[i + 1], i + 1
+    overrides[key] = config_lib.parse_value(value)
+    i += 1
+  return overrides
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -77,11 +119,16 @@ def parse_args(argv: Optional[Sequence[str]]):
       prog='python -m experiments.train',
       description='Train a dense / MoE Transformer LM.',
       epilog='Override any key with --config.<dotted.key>=<value>.')
-  parser.add_argument('--config', required=True,
+  parser.add_argument('--config', default=None,
                       help='config file and variant, e.g. '
-                           'configs/switch.py:tiny')
+                           'configs/switch.py:tiny (default: the '
+                           'config.json of --workdir)')
   parser.add_argument('--workdir', required=True,
                       help='run directory (resumed if it has checkpoints)')
+  parser.add_argument('--init_from', default=None, metavar='WORKDIR',
+                      help="start at step 0 from this work dir's newest "
+                           'checkpoint (params and model state; sets '
+                           'init.from_workdir)')
   group = parser.add_mutually_exclusive_group()
   group.add_argument('--fresh', action='store_true',
                      help='move an existing run in --workdir to '
@@ -90,32 +137,30 @@ def parse_args(argv: Optional[Sequence[str]]):
                      help='continue the run in --workdir even though its '
                           'stored config differs from this one')
   args, rest = parser.parse_known_args(argv)
-  overrides, i = {}, 0
-  while i < len(rest):
-    arg = rest[i]
-    if not arg.startswith('--config.'):
-      parser.error(f'unrecognized argument {arg!r}')
-    key, eq, value = arg[len('--config.'):].partition('=')
-    if not eq:
-      if i + 1 >= len(rest):
-        parser.error(f'{arg} needs a value')
-      value, i = rest[i + 1], i + 1
-    overrides[key] = config_lib.parse_value(value)
-    i += 1
+  overrides = parse_overrides(parser, rest)
+  if args.init_from is not None:
+    if overrides.get(INIT_KEY, args.init_from) != args.init_from:
+      parser.error(f'--init_from and --config.{INIT_KEY} disagree')
+    overrides[INIT_KEY] = args.init_from
   return args, overrides
 
 
-def load_and_validate(spec: str, overrides: dict):
+def load_and_validate(spec: Optional[str], overrides: dict,
+                      workdir: Optional[str] = None):
   """Loads the config, applies overrides and validates (ValueError if bad).
 
   Args:
-    spec: 'path[:variant]'.
+    spec: 'path[:variant]', or None: `workdir`'s stored config.json.
     overrides: {dotted key: value}.
+    workdir: the run directory (needed when spec is None).
 
   Returns:
     The validated ConfigDict.
   """
-  config = config_lib.load_config(spec)
+  if spec is None:
+    config = workdir_config.load_stored_config(workdir or '.')
+  else:
+    config = config_lib.load_config(spec)
   config = config_lib.apply_overrides(config, overrides)
   config_lib.validate_config(config)
   return config
@@ -247,8 +292,9 @@ def move_run_aside(workdir: str) -> Optional[str]:
 
 
 def _prepare_workdir(args, diff: list) -> None:
-  """--fresh: moves the old run aside; --override: keeps its config.
-  With several processes, process 0 does it and the others wait."""
+  """--fresh: moves the old run aside; --override (or overrides of an
+  untrained stored config): keeps its config. With several processes,
+  process 0 does it and the others wait."""
   if jax.process_index() != 0:
     return
   if args.fresh:
@@ -257,8 +303,49 @@ def _prepare_workdir(args, diff: list) -> None:
       print(f'--fresh: moved the previous run to {moved}', flush=True)
   elif diff:
     kept = keep_stored_config(args.workdir)
-    print('--override: continuing with a config that differs from the '
-          f'stored one (kept as {kept}):\n' + '\n'.join(diff), flush=True)
+    why = ('--override: continuing with' if args.override else
+           'no step trained yet: starting with')
+    print(f'{why} a config that differs from the stored one (kept as '
+          f'{kept}):\n' + '\n'.join(diff), flush=True)
+
+
+def init_source(config, args, model, mesh) -> Optional[str]:
+  """init.from_workdir, checked against the model when it will be used.
+
+  Args:
+    config: the validated config.
+    args: the parsed arguments (workdir, fresh).
+    model: the config's model.
+    mesh: the run's mesh (after initialize_distributed).
+
+  Returns:
+    The source work dir, or None when init.from_workdir is ''.
+
+  Raises:
+    ValueError naming init.from_workdir: a fresh run whose source is not a
+    work dir with a checkpoint of this model's param tree and shapes.
+  """
+  source = config.init.from_workdir
+  if not source or (checkpoint_lib.checkpoint_steps(args.workdir) and
+                    not args.fresh):
+    return source or None  # a resume: the loop logs that it ignores it
+  optimizer, _ = config_lib.build_optimizer(config)
+  abstract = state_lib.abstract_train_state(
+      model, optimizer, (config.train.batch_size, config.data.seq_len), mesh)
+  try:
+    checkpoint_lib.check_init_source(
+        source, {'params': abstract.params,
+                 'model_state': abstract.model_state})
+  except InitSourceError as e:
+    raise ValueError(init_error(e)) from e
+  return source
+
+
+def init_error(error) -> str:
+  """The one-line message of an InitSourceError, naming the config key."""
+  return (f'{INIT_KEY}={error.workdir!r} {error.reason}; allowed values: '
+          "'' (a fresh init from seed), or a moejax work dir with a "
+          "checkpoint of this config's model.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -274,9 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args, overrides = parse_args(argv)
   start = time.time()
   try:
-    config = load_and_validate(args.config, overrides)
+    config = load_and_validate(args.config, overrides, args.workdir)
+    override = args.override or (args.config is None and
+                                 workdir_config.untrained(args.workdir))
     diff = [] if args.fresh else workdir_config.check_workdir_config(
-        config, args.workdir, override=args.override)
+        config, args.workdir, override=override)
     model = config_lib.build_model(config)
   except ValueError as e:
     return _error(str(e), EXIT_BAD_CONFIG)
@@ -289,6 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     mesh, rows = build_mesh(config)
     train_loader, eval_data = config_lib.build_data(config, rows)
+    init_from = init_source(config, args, model, mesh)
   except ValueError as e:
     return _error(str(e), EXIT_BAD_CONFIG)
   try:
@@ -310,19 +400,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
         keep_checkpoints=t.keep_checkpoints,
         config=config_lib.resolved_config(config), mesh=mesh,
-        num_domains=_num_domains(config))
+        num_domains=_num_domains(config), init_from=init_from)
   except train_lib.NonFiniteError as e:
     return _error(str(e), EXIT_NONFINITE)
+  except InitSourceError as e:
+    return _error(init_error(e), EXIT_BAD_CONFIG)
   except train_lib.CheckpointError as e:
     return _error(str(e), EXIT_RUN_ERROR)
+  _print_summary(result, t.steps, start)
+  return 0
+
+
+def _print_summary(result, steps: int, start: float) -> None:
+  """The last line of a run: status, step, final eval loss, wall time."""
   final = result.last_eval or {}
   summary = ', '.join(f'{k} {v:.4f}' for k, v in final.items()
                       if k in ('eval/loss', 'eval/excess_loss'))
   status = 'stopped by SIGTERM' if result.preempted else 'done'
-  print(f'{status}: step {result.step}/{t.steps}'
+  print(f'{status}: step {result.step}/{steps}'
         f'{", " + summary if summary else ""}, wall {time.time() - start:.1f}s',
         flush=True)
-  return 0
 
 
 if __name__ == '__main__':

@@ -3,6 +3,9 @@
 `check_workdir_config` refuses to resume a work dir whose stored config
 differs from the new one, listing the differing keys (exit code 2 in
 `experiments.train`), unless the user passes --override or --fresh.
+`load_stored_config` reads config.json back as a run config (for
+`experiments.train --workdir W` without --config, e.g. after
+`experiments.convert`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,59 @@ def config_diff(stored: dict, new: dict) -> list[tuple[str, Any, Any]]:
     if a != b or isinstance(a, bool) != isinstance(b, bool):  # 1 vs True
       out.append((key, a, b))
   return out
+
+
+def _merged(base: dict, stored: dict) -> dict:
+  """`base` with `stored`'s values (recursively; keys only in `stored` are
+  kept, so validation names them)."""
+  out = dict(base)
+  for key, value in stored.items():
+    if isinstance(value, dict) and isinstance(out.get(key), dict):
+      out[key] = _merged(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
+def load_stored_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run config stored in `<workdir>/config.json`.
+
+  Keys the file lacks (it was written before they existed) take the base
+  default, which is what that run used.
+
+  Args:
+    workdir: a run directory.
+
+  Returns:
+    The ConfigDict (not validated).
+
+  Raises:
+    ValueError: no readable config.json (names --config and the path).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f'--config is required: --workdir {workdir} has no '
+                     f'{CONFIG_FILE} to take the config from; allowed: '
+                     '--config FILE[:VARIANT], or a work dir made by a run '
+                     'or by experiments.convert.')
+  try:
+    with open(path, encoding='utf-8') as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'--workdir {workdir}: the stored {path} cannot be '
+                     f'read ({e}); allowed: --config FILE[:VARIANT].') from e
+  return ml_collections.ConfigDict(
+      _merged(base_config.get_base_config().to_dict(), stored))
+
+
+def untrained(workdir: str) -> bool:
+  """Whether no step has been trained in `workdir`: its checkpoints (if
+  any) are all of step 0, e.g. an imported model from experiments.convert.
+  A new config then mixes nothing."""
+  path = os.path.join(workdir, 'checkpoints')
+  steps = ([int(n) for n in os.listdir(path) if n.isdigit()]
+           if os.path.isdir(path) else [])
+  return all(step == 0 for step in steps)
 
 
 def _fmt(value: Any) -> str:

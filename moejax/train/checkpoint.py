@@ -24,6 +24,15 @@ not gathered: they get no CRC at save (None in the record) and are not
 CRC-checked at restore, only by orbax's own metadata. With several
 processes, process 0 alone moves and deletes checkpoint directories, and
 the others wait for it.
+
+Initialising from another run (`restore_init_variables`): a new run may
+start from the params and model state of another work dir's newest intact
+checkpoint (not its optimizer state or step). The source is only read:
+its tree and shapes are compared with the new model's from the saved
+metadata before any array is read (`check_init_source` names the first
+differing leaf), only `params` and `model_state` are read (orbax partial
+restore), with the same CRC check as `restore`; a corrupt checkpoint is
+skipped for an older one but not moved.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ from __future__ import annotations
 import os
 import shutil
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -50,6 +60,22 @@ class CheckpointError(RuntimeError):
 
 class CheckpointCorruptError(CheckpointError):
   """A checkpoint restored, but its contents differ from what was saved."""
+
+
+class InitSourceError(ValueError):
+  """A work dir whose checkpoint cannot initialise a run: not a directory,
+  no checkpoint, params of another tree or shape, or none intact.
+
+  Attributes:
+    workdir: the source.
+    reason: what is wrong, a phrase that follows the source's name
+      ('holds no checkpoint ...').
+  """
+
+  def __init__(self, workdir: str, reason: str):
+    super().__init__(f'init source {workdir!r} {reason}')
+    self.workdir = workdir
+    self.reason = reason
 
 
 def _leaf_bytes(leaf: Any) -> Optional[bytes]:
@@ -283,3 +309,166 @@ def _sync(name: str) -> None:
 
 def _first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [''])[0][:300]
+
+
+# ------------------------------------------------- params from another run
+VARIABLE_ITEMS = ('params', 'model_state')  # what an init source gives
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the finished checkpoints in `<workdir>/checkpoints`, ascending
+  ([] when there is none; nothing is created)."""
+  path = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+
+
+def _leaf_table(tree: Mapping, prefix: str) -> dict[str, Any]:
+  """{'params/block_0/attn/query': leaf} of a nested mapping."""
+  out = {}
+  for key, value in (tree or {}).items():
+    if isinstance(value, Mapping):
+      out.update(_leaf_table(value, f'{prefix}/{key}'))
+    else:
+      out[f'{prefix}/{key}'] = value
+  return out
+
+
+def _variable_table(tree: Mapping) -> dict[str, Any]:
+  """_leaf_table of a {'params': ..., 'model_state': ...} tree."""
+  out = {}
+  for item in VARIABLE_ITEMS:
+    out.update(_leaf_table(tree.get(item) or {}, item))
+  return out
+
+
+def variables_mismatch(saved: Mapping, expected: Mapping) -> Optional[str]:
+  """The first difference in leaf paths or shapes between two
+  {'params': ..., 'model_state': ...} trees (leaves with a `.shape`), in
+  `expected`'s order; None if they match (dtypes are not compared)."""
+  got, want = _variable_table(saved), _variable_table(expected)
+  for name, leaf in want.items():
+    if name not in got:
+      return (f'{name} (shape {tuple(leaf.shape)} in this run\'s model) is '
+              'not in the checkpoint')
+    if tuple(got[name].shape) != tuple(leaf.shape):
+      return (f'{name} has shape {tuple(got[name].shape)} in the checkpoint '
+              f'but {tuple(leaf.shape)} in this run\'s model')
+  extra = [name for name in got if name not in want]
+  if extra:
+    return (f'the checkpoint holds {extra[0]} (shape '
+            f'{tuple(got[extra[0]].shape)}), which this run\'s model lacks')
+  return None
+
+
+def _saved_variables(step_dir: epath.Path) -> dict[str, Any]:
+  """{'params', 'model_state'} of a checkpoint's array metadata (shape,
+  dtype), read without reading any array."""
+  tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
+  return {item: tree.get(item) or {} for item in VARIABLE_ITEMS}
+
+
+def check_init_source(workdir: str, abstract: Mapping) -> int:
+  """Checks that `workdir` can initialise a model of `abstract`'s shapes.
+
+  Args:
+    workdir: the source run directory.
+    abstract: {'params': ..., 'model_state': ...} of the new run
+      (ShapeDtypeStructs, e.g. of `abstract_train_state`).
+
+  Returns:
+    The newest checkpoint step whose metadata reads back.
+
+  Raises:
+    InitSourceError naming the directory, or the first differing leaf path
+    and both shapes.
+  """
+  if not os.path.isdir(workdir):
+    raise InitSourceError(workdir, 'is not a directory')
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise InitSourceError(workdir, 'holds no checkpoint (no '
+                          f'{os.path.join(workdir, "checkpoints", "<step>")})')
+  for step in reversed(steps):
+    step_dir = epath.Path(workdir) / 'checkpoints' / str(step)
+    try:
+      saved = _saved_variables(step_dir)
+    except Exception:  # pylint: disable=broad-except
+      continue  # unreadable metadata: an older checkpoint may do
+    problem = variables_mismatch(saved, abstract)
+    if problem:
+      raise InitSourceError(workdir, f'does not fit this run\'s model: in '
+                            f'its checkpoint {step}, {problem}')
+    return step
+  raise InitSourceError(workdir, f'has no checkpoint with readable metadata '
+                        f'(steps {steps})')
+
+
+def _restore_variables(step_dir: epath.Path, abstract: Mapping) -> dict:
+  """Partial restore of params and model state (saved dtypes, `abstract`'s
+  shardings), CRC-checked, then cast to `abstract`'s dtypes."""
+  saved = _variable_table(_saved_variables(step_dir))
+  dtypes = {name: leaf.dtype for name, leaf in saved.items()}
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def target(item):
+    def leaf(path, x):
+      name = '/'.join([item] + [str(k.key) for k in path])
+      return jax.ShapeDtypeStruct(x.shape, dtypes[name],
+                                  sharding=x.sharding or default)
+    return jax.tree_util.tree_map_with_path(leaf, abstract[item])
+
+  tree = {item: target(item) for item in VARIABLE_ITEMS}
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+    restored = reader.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+        partial_restore=True))
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+    saved_crc = dict(reader.restore(step_dir / 'integrity')['crc32'])
+  for item in VARIABLE_ITEMS:
+    for path, crc in tree_crc32(restored[item]):
+      want = saved_crc.get(f'.{item}{path}')
+      if None not in (want, crc) and want != crc:
+        raise CheckpointCorruptError(
+            f'checkpoint {step_dir.name} is corrupt: leaf .{item}{path} has '
+            f'CRC-32 {crc:#010x}, saved as {want:#010x}')
+  return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else
+                      x.astype(a.dtype), restored,
+                      {item: abstract[item] for item in VARIABLE_ITEMS})
+
+
+def restore_init_variables(workdir: str, abstract: Mapping,
+                           log: Callable[[str], None] = lambda m: print(
+                               m, flush=True)) -> tuple[int, dict]:
+  """Params and model state of `workdir`'s newest intact checkpoint.
+
+  Nothing else is read (no optimizer state) and nothing in `workdir` is
+  changed: a corrupt checkpoint is logged and an older one tried.
+
+  Args:
+    workdir: the source run directory.
+    abstract: {'params': ..., 'model_state': ...} ShapeDtypeStructs of the
+      new run, with the shardings to place the arrays with (see
+      `sharding.abstract_with_shardings`); their dtypes are the restored
+      ones (a float32 source initialises a bfloat16 run).
+
+  Returns:
+    (the checkpoint's step, {'params': ..., 'model_state': ...}).
+
+  Raises:
+    InitSourceError: see `check_init_source`, or no checkpoint intact.
+  """
+  check_init_source(workdir, abstract)
+  failures = []
+  for step in reversed(checkpoint_steps(workdir)):
+    step_dir = epath.Path(workdir) / 'checkpoints' / str(step)
+    try:
+      return step, _restore_variables(step_dir, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f'{type(e).__name__}: {_first_line(e)}'
+      log(f'warning: checkpoint {step} of {workdir} is unreadable or '
+          f'corrupt ({reason}); trying an older one')
+      failures.append(f'step {step}: {reason}')
+  raise InitSourceError(workdir, 'has no checkpoint that reads back intact '
+                        f'({"; ".join(failures)})')

@@ -21,6 +21,10 @@ Reliability:
     after it is written, so the last checkpoint stays the last good state.
   * A failed checkpoint write stops the run with CheckpointError; older
     checkpoints are untouched.
+  * Init from another run (`init_from`): only a run without checkpoints
+    starts from the source's params and model state (step 0, a fresh
+    optimizer state); a run that has checkpoints resumes and says that it
+    ignores the source.
 
 Devices and processes: the run lives on a device mesh (`mesh=`; default
 one device). The state is created or restored with the NamedShardings of
@@ -60,6 +64,7 @@ from moejax.train import plots
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
 from moejax.train.checkpoint import Checkpointer
+from moejax.train.checkpoint import restore_init_variables
 
 # Train-step metrics copied into train records as 'train/<name>'.
 TRAIN_KEYS = ('loss', 'lm_loss', 'aux_loss', 'z_loss', 'drop_fraction',
@@ -259,9 +264,10 @@ class _FiniteGuard:
 
 
 def _start_state(model, optimizer, input_shape, seed, checkpointer,
-                 metrics_path, mesh):
-  """Restores the newest intact checkpoint (truncating metrics) or
-  initialises when there is no checkpoint at all; returns (state, its
+                 metrics_path, mesh, init_from=None):
+  """Restores the newest intact checkpoint (truncating metrics) or, when
+  there is no checkpoint at all, starts at step 0: from `init_from`'s
+  params and model state if given, else from `seed`; returns (state, its
   shardings)."""
   abstract = state_lib.abstract_train_state(model, optimizer, input_shape,
                                             mesh)
@@ -269,27 +275,38 @@ def _start_state(model, optimizer, input_shape, seed, checkpointer,
   print(f'train state: {state_lib.tree_bytes(abstract) / 2**20:.2f} MiB '
         f'(params + optimizer + model state); mesh {dict(mesh.shape)}, '
         f'{jax.process_count()} process(es)', flush=True)
-  state = checkpointer.restore_latest_good(
-      sharding.abstract_with_shardings(abstract, mesh))
+  target = sharding.abstract_with_shardings(abstract, mesh)
+  state = checkpointer.restore_latest_good(target)
   primary = jax.process_index() == 0
-  if state is None:
-    stale = len(metrics_lib.read_metrics(metrics_path))
-    if primary:
-      metrics_lib.truncate_metrics(metrics_path, 0)
-    print(f'no checkpoint in {checkpointer.directory}: starting at step 0'
-          + (f' (dropped {stale} stale metric records)' if stale else ''),
-          flush=True)
-    return state_lib.create_train_state(
-        model, optimizer, input_shape, seed, mesh=mesh,
-        initializer=state_lib.train_state_initializer(
-            model, optimizer, input_shape, shardings)), shardings
-  kept = (f' ({metrics_lib.truncate_metrics(metrics_path, int(state.step))}'
-          ' metric records kept)' if primary else '')
-  print(f'resumed from step {int(state.step)}{kept}', flush=True)
-  return state, shardings
+  if state is not None:
+    kept = (f' ({metrics_lib.truncate_metrics(metrics_path, int(state.step))}'
+            ' metric records kept)' if primary else '')
+    ignored = (f'; init from {init_from} ignored (the run has its own '
+               'checkpoints)' if init_from else '')
+    print(f'resumed from step {int(state.step)}{kept}{ignored}', flush=True)
+    return state, shardings
+  stale = len(metrics_lib.read_metrics(metrics_path))
+  if primary:
+    metrics_lib.truncate_metrics(metrics_path, 0)
+  print(f'no checkpoint in {checkpointer.directory}: starting at step 0'
+        + (f' (dropped {stale} stale metric records)' if stale else ''),
+        flush=True)
+  if init_from:
+    step, variables = restore_init_variables(
+        init_from, {'params': target.params,
+                    'model_state': target.model_state})
+    print(f'init: params and model state of {init_from} (its checkpoint '
+          f'{step}), a fresh optimizer state', flush=True)
+    return state_lib.state_from_variables(
+        variables['params'], variables['model_state'], optimizer,
+        shardings, mesh), shardings
+  return state_lib.create_train_state(
+      model, optimizer, input_shape, seed, mesh=mesh,
+      initializer=state_lib.train_state_initializer(
+          model, optimizer, input_shape, shardings)), shardings
 
 
-def _write_config(workdir: str, config: Optional[Mapping[str, Any]]) -> None:
+def write_config(workdir: str, config: Optional[Mapping[str, Any]]) -> None:
   """Writes config.json atomically (a kill leaves the old or the new one)."""
   if config is not None:
     path = os.path.join(workdir, 'config.json')
@@ -310,7 +327,7 @@ def train_and_evaluate(
     config: Optional[Mapping[str, Any]] = None,
     progress_bar: Optional[bool] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
-    num_domains: int = 0) -> RunResult:
+    num_domains: int = 0, init_from: Optional[str] = None) -> RunResult:
   """Trains `model` to `steps`, resuming from `<workdir>/checkpoints`.
 
   Writes `<workdir>/config.json` (if `config`), `metrics.jsonl`,
@@ -346,6 +363,10 @@ def train_and_evaluate(
     num_domains: N > 0: the eval batches' 'domain' ids are in [0, N) and
       each eval records the specialisation score of every token-choice MoE
       layer ('eval/specialisation...', see `specialisation_record`).
+    init_from: a work dir whose newest intact checkpoint's params and model
+      state start the run at step 0 (not its optimizer state; see
+      `checkpoint.restore_init_variables`), used only when `workdir` has no
+      checkpoint (a resume ignores it).
 
   Returns:
     RunResult.
@@ -355,6 +376,7 @@ def train_and_evaluate(
       not finite (nothing after the previous step is written).
     CheckpointError: a checkpoint save failed, or checkpoints exist but
       none can be restored.
+    InitSourceError: `init_from` has no checkpoint that fits the model.
   """
   os.makedirs(workdir, exist_ok=True)
   if isinstance(model, TransformerLM):
@@ -369,11 +391,12 @@ def train_and_evaluate(
   stop_flag = _SyncedStop() if jax.process_count() > 1 else _StopFlag()
   with stop_flag as stop:  # from here on SIGTERM means "save and return"
     state, shardings = _start_state(model, optimizer, input_shape, seed,
-                                    checkpointer, metrics_path, mesh)
+                                    checkpointer, metrics_path, mesh,
+                                    init_from)
     # Only now: a run refused at restore keeps the config its checkpoints
     # were made with.
     if primary:
-      _write_config(workdir, config)
+      write_config(workdir, config)
     on_mesh = dict(mesh=mesh, state_shardings=shardings)
     loop = _Loop(
         train_step=step_lib.make_train_step(

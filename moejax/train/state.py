@@ -2,7 +2,9 @@
 
 `abstract_train_state` traces initialisation with `jax.eval_shape`, so the
 shapes (and a checkpoint restore target) are known before any parameter is
-allocated; `create_train_state` then initialises for real under `jax.jit`.
+allocated; `create_train_state` then initialises for real under `jax.jit`,
+and `state_from_variables` wraps params made elsewhere (an imported
+checkpoint, another run's) with a fresh optimizer state at step 0.
 
 On a device mesh (`mesh=`), every leaf is created directly with its
 NamedSharding from `moejax.sharding.tree_shardings` (nothing is gathered on
@@ -170,6 +172,40 @@ def create_train_state(model: nn.Module,
   # resumed run call the train step with identical input placements (one
   # compiled program, shared by the compilation cache).
   return jax.device_put(state, jax.devices()[0])
+
+
+def state_from_variables(params: Any, model_state: Any,
+                         optimizer: optax.GradientTransformation,
+                         shardings: Optional[TrainState] = None,
+                         mesh: Optional[jax.sharding.Mesh] = None
+                         ) -> TrainState:
+  """A step-0 TrainState around given params (imported, or another run's)
+  with a fresh optimizer state.
+
+  Args:
+    params: the model's param tree (placed as `shardings.params` says).
+    model_state: its non-'params' collections ({} if none).
+    optimizer: the optax transformation; its state comes from
+      `optimizer.init(params)`.
+    shardings: a TrainState of NamedShardings (`sharding.tree_shardings`);
+      None: the first device.
+    mesh: the mesh of `shardings` (traced under `jax.set_mesh`).
+
+  Returns:
+    TrainState(step=0, params, optimizer.init(params), model_state).
+  """
+  if shardings is None:
+    device = jax.devices()[0]
+    params, model_state = jax.device_put((params, model_state), device)
+    init = jax.jit(optimizer.init)
+    step = jax.device_put(jnp.zeros((), jnp.int32), device)
+  else:
+    init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  with in_mesh(mesh):
+    opt_state = init(params)
+  return TrainState(step=step, params=params, opt_state=opt_state,
+                    model_state=dict(model_state or {}))
 
 
 def tree_bytes(tree: Any) -> int:
