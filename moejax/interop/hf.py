@@ -67,7 +67,6 @@ class TensorReader:
   def __init__(self, path: str):
     self.path = path
     self.files = self._weight_map()
-    self._open = {}
 
   def _weight_map(self) -> dict[str, str]:
     """{tensor name: file name}."""
@@ -97,13 +96,12 @@ class TensorReader:
     return sorted(self.files)
 
   def get(self, name: str) -> np.ndarray:
-    """One tensor as a numpy array."""
+    """One tensor as a numpy array (a copy: the file is closed again, so
+    its mapped pages do not stay resident as the model loads)."""
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-    file = self.files[name]
-    if file not in self._open:
-      self._open[file] = safe_open(os.path.join(self.path, file),
-                                   framework='np')
-    return self._open[file].get_tensor(name)
+    with safe_open(os.path.join(self.path, self.files[name]),
+                   framework='np') as f:
+      return f.get_tensor(name)
 
   def dtype(self) -> Any:
     """The dtype of the embedding table (the checkpoint's weight dtype)."""
@@ -220,7 +218,7 @@ def load_pretrained(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
     except ValueError as e:
       raise HfCheckpointError(f'{path}: {e}') from e
     for p, leaf in zip(link.jax, leaves):
-      leaf = leaf.astype(get_abstract(p).dtype)
+      leaf = leaf.astype(get_abstract(p).dtype, copy=False)
       target = (hf_params.leaf_getter(shardings)(p) if shardings else None)
       _set(variables, p, jax.device_put(leaf, target))
     del arrays, leaves
