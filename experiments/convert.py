@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import resource
 import sys
 import time
@@ -66,6 +67,11 @@ class _Parser(argparse.ArgumentParser):
   def error(self, message):
     print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+# Tokenizer files carried along by import and export.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
+                   'special_tokens_map.json')
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -185,10 +191,23 @@ def import_hf(hf_dir: str, workdir: str, spec: Optional[str],
     checkpointer.save(state)
   finally:
     checkpointer.close()
+  copy_tokenizer(hf_dir, workdir)
   count = sum(x.size for x in jax.tree.leaves(imported['params']))
   return (f'{family} ({count:,} params, V={model.vocab_size}, dropless) -> '
           f'{workdir} (config.json, checkpoints/0); fine-tune it with: '
           f'python -m experiments.train --workdir {workdir}')
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+  """Copies the HF tokenizer files of `src` (if any) into `dst`, so that
+  `experiments.generate --prompt TEXT` finds tokenizer.json; returns the
+  names copied."""
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+      copied.append(name)
+  return copied
 
 
 # ------------------------------------------------------------------- export
@@ -229,6 +248,7 @@ def export_hf(workdir: str, out_dir: str, fused_experts: bool = False,
   names = hf.save_pretrained(
       model, {'params': variables['params'], **variables['model_state']},
       out_dir, fused_experts=fused_experts, max_shard_bytes=max_shard_bytes)
+  names += copy_tokenizer(workdir, out_dir)
   return (f'{workdir} (checkpoint {step}) -> {out_dir} as HF {family} '
           f'({", ".join(names)})')
 

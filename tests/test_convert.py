@@ -421,3 +421,16 @@ def test_init_source_skips_a_corrupt_checkpoint_and_leaves_it(imported,
   with pytest.raises(InitSourceError,
                      match='has no checkpoint that reads back intact'):
     restore_init_variables(source, abstract, log=logs.append)
+
+
+def test_tokenizer_files_travel_with_the_model(data_dir, tmp_path):
+  """tokenizer.json goes into the work dir (for generate --prompt TEXT) and
+  back out on export."""
+  src = os.path.join(FIXTURES, 'qwen3_moe')
+  workdir, out = str(tmp_path / 'w'), str(tmp_path / 'hf')
+  argv = ['--hf_dir', src, '--workdir', workdir] + _small(data_dir)
+  assert convert.main(argv) == 0
+  want = open(os.path.join(src, 'tokenizer.json'), 'rb').read()
+  assert open(os.path.join(workdir, 'tokenizer.json'), 'rb').read() == want
+  assert convert.main(['--to_hf', out, '--workdir', workdir]) == 0
+  assert open(os.path.join(out, 'tokenizer.json'), 'rb').read() == want
