@@ -12,6 +12,10 @@ Public surface (see each object's docstring for shapes):
                        in moejax.dispatch (ragged_plan / _dispatch / _combine)
   ExpertBank, RaggedExpertBank, DenseFfn
   load_balance_loss, z_loss, routing_metrics
+
+Also: moejax.models (TransformerLM, attention), moejax.generate (KV-cache
+generation), moejax.interop.hf (Hugging Face checkpoints in and out),
+moejax.analysis (capture_routing, specialisation).
 """
 
 from moejax.capacity import compute_capacity

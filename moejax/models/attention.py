@@ -295,6 +295,11 @@ class _AttentionBase(nn.Module):
       return k, v, attention_mask(l, None, True)
     m = ck.value.shape[1]
     self._check_window(m)
+    if l > m:
+      raise ValueError(f'decode=True got {l} positions for a KV cache of '
+                       f'{m}; allowed: at most {m} per call (and in all: '
+                       'positions past the cache are not checked inside '
+                       'jit, so size the cache for prompt + new tokens).')
     start = index.value
     ck.value = jax.lax.dynamic_update_slice(
         ck.value, k.astype(ck.value.dtype), (0, start, 0, 0))
