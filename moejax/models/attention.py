@@ -425,7 +425,7 @@ class LatentAttention(_AttentionBase):
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
                decode: bool = False) -> jax.Array:
     """Attends; same contract as `SelfAttention.__call__`."""
-    o, h = self.options, self.num_heads
+    o = self.options
     d = x.shape[-1]
     x = x.astype(self.dtype)
     q = self._query(x)
