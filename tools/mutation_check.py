@@ -1,0 +1,274 @@
+"""Mutation check: does the test suite catch one-line semantic bugs?
+
+    python tools/mutation_check.py [--only ID,ID] [--list] [--markdown FILE]
+
+Each mutation below replaces one exact line fragment of the library (the
+fragment must occur exactly once in its file) in a temporary copy of the
+repository, runs the named test files there (`pytest -x`, stopping at the
+first failure) and records which test caught it. A mutation that no test
+catches "survives"; the script prints a table (mutation | caught by |
+time) and exits 1 if any survives, 2 if a fragment is not found (the code
+moved: update the list). Not part of the default test run (it takes tens
+of minutes on 2 cores).
+
+The copy is imported instead of the checkout: pytest runs with the copy as
+its working directory and PYTHONPATH, and the script checks that `moejax`
+resolves inside the copy before the first mutation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROUTING_TESTS = ('tests/test_routing.py', 'tests/test_blind_spots.py',
+                 'tests/test_routers.py', 'tests/test_properties.py')
+LOSS_TESTS = ('tests/test_losses.py', 'tests/test_blind_spots.py')
+LAYER_TESTS = ('tests/test_layer.py', 'tests/test_layer_semantics.py',
+               'tests/test_blind_spots.py', 'tests/test_routers.py')
+MODEL_TESTS = ('tests/models/test_attention.py', 'tests/interop/test_hf.py',
+               'tests/models/test_transformer.py')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+  """Replace `old` by `new` in `path`; `tests` should catch it."""
+  id: str
+  path: str
+  old: str
+  new: str
+  tests: tuple
+
+
+M = Mutation
+MUTATIONS = (
+    # capacity
+    M('capacity-floor', 'moejax/capacity.py', 'raw = math.ceil(round(',
+      'raw = math.floor(round(', ('tests/test_capacity.py',)),
+    M('capacity-no-min', 'moejax/capacity.py',
+      'capacity = _round_up(max(min_capacity, raw, 1), multiple_of)',
+      'capacity = _round_up(max(raw, 1), multiple_of)',
+      ('tests/test_capacity.py',)),
+    M('capacity-no-cap-at-S', 'moejax/capacity.py',
+      'return min(capacity, upper)', 'return capacity',
+      ('tests/test_capacity.py',)),
+    M('capacity-multiple-not-passed', 'moejax/layers.py',
+      '        self.capacity_multiple_of)', '        1)', LAYER_TESTS),
+    # routing
+    M('kept-off-by-one', 'moejax/routing.py',
+      'kept = request & (slot < capacity)',
+      'kept = request & (slot <= capacity)', ROUTING_TESTS),
+    M('score-priority-ascending', 'moejax/routing.py',
+      'perm = jnp.argsort(-priority_score, axis=1, stable=True)',
+      'perm = jnp.argsort(priority_score, axis=1, stable=True)',
+      ROUTING_TESTS),
+    M('token-priority-as-choice', 'moejax/routing.py',
+      "  if priority == 'token':\n    return onehot.reshape(g, s * k, e)",
+      "  if priority == 'nothing':\n    return onehot.reshape(g, s * k, e)",
+      ROUTING_TESTS),
+    M('gates-from-biased-scores', 'moejax/routing.py',
+      'gate = jnp.take_along_axis(scores, expert_index, axis=-1)',
+      'gate = jnp.take_along_axis(selection, expert_index, axis=-1)',
+      ROUTING_TESTS),
+    M('loss-free-sign', 'moejax/routing.py',
+      'return bias + rate * jnp.sign(counts.mean() - counts)',
+      'return bias + rate * jnp.sign(counts - counts.mean())', ROUTING_TESTS),
+    M('random-policy-inverted', 'moejax/routing.py',
+      'keep = uniform < normalized / threshold',
+      'keep = uniform > normalized / threshold', ROUTING_TESTS),
+    M('renormalize-after-drops', 'moejax/routing.py',
+      '  gate = normalize_gates(gate, renormalize, scale)',
+      '  gate = normalize_gates(jnp.where(kept, gate, 0.0), renormalize, '
+      'scale)', ROUTING_TESTS),
+    M('group-score-top1', 'moejax/routing.py',
+      "best_of = 1 if group_score == 'max' else min(2, per_group)",
+      'best_of = 1', ROUTING_TESTS),
+    M('routed-scaling-not-passed', 'moejax/layers.py',
+      'renormalize=self.renormalize, routed_scaling=self.routed_scaling,',
+      'renormalize=self.renormalize, routed_scaling=1.0,', LAYER_TESTS),
+    M('jitter-in-eval', 'moejax/routing.py',
+      'if not deterministic and self.jitter_eps > 0:',
+      'if self.jitter_eps > 0:', ROUTING_TESTS),
+    # losses
+    M('z-loss-not-logsumexp', 'moejax/losses.py',
+      'lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)',
+      'lse = logits.astype(jnp.float32).max(-1) + jnp.log(logits.shape[-1])',
+      LOSS_TESTS),
+    M('z-loss-padding-in-denominator', 'moejax/losses.py',
+      'return jnp.sum(lse ** 2 * valid_f) / jnp.maximum(valid_f.sum(), 1)',
+      'return jnp.sum(lse ** 2 * valid_f) / valid_f.size', LOSS_TESTS),
+    M('balance-first-choice-only', 'moejax/losses.py',
+      '  onehot = jax.nn.one_hot(decision.expert_index, decision.num_experts,',
+      '  onehot = jax.nn.one_hot(decision.expert_index[..., :1], '
+      'decision.num_experts,', LOSS_TESTS),
+    M('loads-after-capacity', 'moejax/losses.py',
+      "  return jnp.einsum('GSKE,GS->GE', onehot, valid.astype(jnp.float32))",
+      "  return jnp.einsum('GSKE,GSK->GE', onehot, "
+      'decision.kept.astype(jnp.float32))', LOSS_TESTS),
+    # dispatch and experts
+    M('gather-combine-ignores-drops', 'moejax/dispatch.py',
+      '  empty = decision.num_experts * decision.capacity\n',
+      '  empty = 0\n', LAYER_TESTS),
+    M('einsum-combine-unweighted', 'moejax/dispatch.py',
+      "combine = _one_hot_tensors(decision, decision.gate.astype(y.dtype))",
+      "combine = _one_hot_tensors(decision, jnp.ones_like(decision.gate, "
+      "y.dtype))", LAYER_TESTS),
+    M('ragged-combine-no-kept-mask', 'moejax/dispatch.py',
+      '  picked = jnp.where(decision.kept[..., None], picked, 0)\n'
+      "  return jnp.einsum('GSKD,GSK->GSD', picked, weights)",
+      "  return jnp.einsum('GSKD,GSK->GSD', picked, decision.gate.astype("
+      'rows.dtype))', LAYER_TESTS),
+    M('per-token-wrong-expert', 'moejax/experts.py',
+      'idx = expert_index.reshape(n * k).astype(jnp.int32)',
+      'idx = (expert_index.reshape(n * k).astype(jnp.int32) + 1) % e',
+      LAYER_TESTS),
+    M('gated-branches-swapped', 'moejax/ffn_math.py',
+      '  h = nonlinearity(hidden[0])\n  if len(hidden) == 2:\n'
+      '    h = h * hidden[1]',
+      '  h = nonlinearity(hidden[-1])\n  if len(hidden) == 2:\n'
+      '    h = h * hidden[0]', LAYER_TESTS),
+    M('shared-gate-no-sigmoid', 'moejax/layers.py',
+      'gate = jax.nn.sigmoid(jnp.einsum(', 'gate = (jnp.einsum(',
+      LAYER_TESTS + ('tests/interop/test_hf.py',)),
+    M('shared-experts-on-padding', 'moejax/layers.py',
+      'return jnp.where(valid[..., None], y, 0)', 'return y', LAYER_TESTS),
+    # attention and models
+    M('rope-pairing', 'moejax/models/attention.py',
+      '    x1, x2 = xf[..., 0::2], xf[..., 1::2]',
+      '    x1, x2 = xf[..., :half], xf[..., half:]', MODEL_TESTS),
+    M('gqa-tiled-not-repeated', 'moejax/models/attention.py',
+      'k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)',
+      'k, v = jnp.tile(k, (1, 1, rep, 1)), jnp.tile(v, (1, 1, rep, 1))',
+      MODEL_TESTS),
+    M('causal-mask-off', 'moejax/models/attention.py',
+      '    allowed = jnp.tril(allowed)', '    allowed = allowed',
+      MODEL_TESTS),
+    M('decode-sees-the-future', 'moejax/models/attention.py',
+      'mask = jnp.arange(m)[None, :] <= positions[:, None]  # [L, M]',
+      'mask = jnp.arange(m)[None, :] < m  # [L, M]',
+      ('tests/test_generate.py',)),
+    # interop
+    M('hf-linear-not-transposed', 'moejax/interop/hf_params.py',
+      'return [np.ascontiguousarray(arrays[0].T).reshape(shape)]',
+      'return [np.ascontiguousarray(arrays[0]).reshape(shape)]',
+      ('tests/interop/test_hf.py',)),
+    M('hf-fused-gate-up-swapped', 'moejax/interop/hf_params.py',
+      '    return [np.ascontiguousarray(both[..., :f]),\n'
+      '            np.ascontiguousarray(both[..., f:])]',
+      '    return [np.ascontiguousarray(both[..., f:]),\n'
+      '            np.ascontiguousarray(both[..., :f])]',
+      ('tests/interop/test_hf.py',)),
+    # optimizer, config
+    M('no-grad-clipping', 'moejax/train/optim.py',
+      'parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []',
+      'parts = []', ('tests/test_blind_spots.py',)),
+    M('top-k-above-experts-accepted', 'moejax/layers.py',
+      '  if layer.top_k > layer.num_experts:',
+      '  if layer.top_k > layer.num_experts + 1:',
+      ('tests/train/test_bad_config.py',)),
+)
+
+
+def copy_repo(dst: str) -> None:
+  """The tracked and untracked-unignored files of the checkout, into dst."""
+  files = subprocess.run(
+      ['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
+      cwd=REPO, check=True, capture_output=True, text=True).stdout.split()
+  for name in files:
+    src = os.path.join(REPO, name)
+    if os.path.isfile(src):
+      os.makedirs(os.path.dirname(os.path.join(dst, name)) or dst,
+                  exist_ok=True)
+      shutil.copy2(src, os.path.join(dst, name))
+
+
+def _env(root: str) -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith('PYTEST_')}
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  env.setdefault('JAX_PLATFORMS', 'cpu')
+  return env
+
+
+def check_imports_copy(root: str) -> None:
+  out = subprocess.run([sys.executable, '-c', 'import moejax; '
+                        'print(moejax.__file__)'], cwd=root, env=_env(root),
+                       check=True, capture_output=True, text=True).stdout
+  if not os.path.realpath(out.strip()).startswith(os.path.realpath(root)):
+    sys.exit(f'error: the copy imports moejax from {out.strip()}, not from '
+             f'{root}; cannot run mutations safely.')
+
+
+def run_tests(root: str, tests: tuple) -> tuple[bool, str]:
+  """(caught, first failing test id or '') for the named test files."""
+  cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
+         '-p', 'no:randomly', *tests]
+  proc = subprocess.run(['timeout', '-s', 'KILL', '1200'] + cmd, cwd=root,
+                        env=_env(root), capture_output=True, text=True)
+  if proc.returncode == 0:
+    return False, ''
+  for line in proc.stdout.splitlines():
+    if line.startswith('FAILED ') or line.startswith('ERROR '):
+      return True, line.split()[1]
+  return True, f'exit {proc.returncode}'
+
+
+def apply(root: str, m: Mutation) -> str:
+  """Mutates the copy; returns the original text of the file."""
+  path = os.path.join(root, m.path)
+  text = open(path, encoding='utf-8').read()
+  if text.count(m.old) != 1:
+    sys.exit(f'error: mutation {m.id}: the fragment occurs '
+             f'{text.count(m.old)} times in {m.path} (need exactly once); '
+             'update tools/mutation_check.py.')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text.replace(m.old, m.new))
+  return text
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--only', default='', help='comma-separated ids')
+  parser.add_argument('--list', action='store_true', help='list and exit')
+  parser.add_argument('--markdown', default='', help='write the table here')
+  args = parser.parse_args()
+  chosen = [m for m in MUTATIONS
+            if not args.only or m.id in args.only.split(',')]
+  if args.list:
+    for m in chosen:
+      print(f'{m.id:32s} {m.path}')
+    return 0
+  rows, survived = [], 0
+  with tempfile.TemporaryDirectory(prefix='moejax_mutants_') as root:
+    copy_repo(root)
+    check_imports_copy(root)
+    for m in chosen:
+      original = apply(root, m)
+      start = time.perf_counter()
+      try:
+        caught, by = run_tests(root, m.tests)
+      finally:
+        with open(os.path.join(root, m.path), 'w', encoding='utf-8') as f:
+          f.write(original)
+      seconds = time.perf_counter() - start
+      survived += not caught
+      rows.append(f'| {m.id} | {by or "**survived**"} | {seconds:.0f} s |')
+      print(rows[-1], flush=True)
+  table = ('| mutation | caught by | time |\n|---|---|---|\n' +
+           '\n'.join(rows) + '\n')
+  print(f'\n{len(rows) - survived}/{len(rows)} mutations caught')
+  if args.markdown:
+    with open(args.markdown, 'w', encoding='utf-8') as f:
+      f.write(table + f'\n{len(rows) - survived}/{len(rows)} caught\n')
+  return 1 if survived else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
