@@ -9,6 +9,7 @@ setuptools.setup(
                 'in JAX/Flax.',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
+    license='Apache-2.0',
     packages=setuptools.find_packages(include=['moejax', 'moejax.*']),
     python_requires='>=3.10',
     install_requires=[

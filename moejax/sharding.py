@@ -1,4 +1,5 @@
-"""Device mesh, param / batch shardings, and expert-parallel experts.
+"""Device mesh, param / batch shardings (expert parallelism: re-exported
+from moejax.expert_parallel).
 
 Axis letters: B batch, G groups, E experts, C capacity, D model width,
 F expert hidden width, N rows of one expert (groups x slots). Mesh axis
@@ -27,37 +28,20 @@ paths) get the same layout. A dimension not divisible by its mesh axes, and
 a leaf no rule matches, are replicated: every mesh fits every model, and a
 layout changes memory and speed, never results.
 
-Expert parallelism. Under `jax.set_mesh(mesh)`, a mesh with an 'expert'
-axis and more than one device, `ExpertBank` calls `expert_parallel_ffn`
-instead of its plain einsums. Inside `jax.shard_map`, each device holds the
-buffers of its own groups, [G/(Pd*Pe), E, C, D]; an all_to_all over
-'expert' gives it the slots of its own experts from all its 'expert' peers,
-it runs them with its own weight shard (F split over 'model', a psum over
-'model' after `wo`), and the inverse all_to_all sends the results back.
-
-  Pe <= E (E % Pe == 0): device x owns experts [x*E/Pe, (x+1)*E/Pe); the
-    expert weights are sharded over 'expert'.
-  Pe > E (Pe % E == 0): each expert has R = Pe/E replicas. C is padded to
-    a multiple of R (zero slots, sliced off after) and split in R chunks;
-    device x computes chunk x % R of expert x // R. The expert weights are
-    replicated over 'expert' (E is smaller than the axis), each device
-    slices its expert, and shard_map's transpose sums their gradients.
-Every slot is computed once, with the same weights: results equal the
-single-device ones up to float summation order.
+Expert parallelism (`expert_parallel_mesh`, `expert_parallel_apply`,
+`expert_parallel_ffn`, the all_to_all exchange of the expert buffers) lives
+in `moejax.expert_parallel`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-
-from moejax import ffn_math
 
 MESH_AXES = ('data', 'expert', 'model')
 BATCH_AXES = ('data', 'expert')
@@ -99,7 +83,7 @@ MeshLike = Union[jax.sharding.Mesh, jax.sharding.AbstractMesh,
                  Mapping[str, int]]
 
 
-def _axis_sizes(mesh: MeshLike) -> dict:
+def axis_sizes(mesh: MeshLike) -> dict:
   """{axis name: size} of a Mesh, an AbstractMesh or a plain mapping."""
   return dict(mesh.shape if hasattr(mesh, 'shape') else mesh)
 
@@ -199,7 +183,7 @@ def check_moe_mesh(mesh: MeshLike, num_experts: int,
     ValueError naming the keys: E % Pe != 0 when Pe <= E, Pe % E != 0 when
     Pe > E, or G % (Pd * Pe) != 0.
   """
-  sizes = _axis_sizes(mesh)
+  sizes = axis_sizes(mesh)
   pe = sizes.get('expert', 1)
   if pe <= num_experts and num_experts % pe:
     raise ValueError(
@@ -223,7 +207,7 @@ def check_moe_mesh(mesh: MeshLike, num_experts: int,
 
 def check_batch_size(mesh: MeshLike, batch_size: int) -> None:
   """Raises ValueError unless B is divisible by Pd * Pe (batch shards)."""
-  shards = _axes_size(_axis_sizes(mesh), BATCH_AXES)
+  shards = _axes_size(axis_sizes(mesh), BATCH_AXES)
   if batch_size % shards:
     raise ValueError(f'train.batch_size={batch_size} must be divisible by '
                      f'the batch shards mesh.data * mesh.expert = {shards}.')
@@ -272,7 +256,7 @@ def partition_spec(shape: Sequence[int], axes: Sequence[Optional[str]],
     PartitionSpec; mesh axes the mesh lacks are dropped, and a dimension
     not divisible by its mesh axes' size is replicated.
   """
-  sizes = _axis_sizes(mesh)
+  sizes = axis_sizes(mesh)
   spec = nn.logical_to_mesh_axes(tuple(axes), LOGICAL_AXIS_RULES)
   out = []
   for dim, entry in zip(shape, spec):
@@ -336,7 +320,7 @@ def abstract_with_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 def batch_axes(mesh: MeshLike) -> tuple[str, ...]:
   """The mesh axes the batch (and G) is split over: ('data', 'expert')."""
-  return tuple(a for a in BATCH_AXES if a in _axis_sizes(mesh))
+  return tuple(a for a in BATCH_AXES if a in axis_sizes(mesh))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -410,105 +394,10 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh,
   return jax.tree.map(put, batch)
 
 
-def expert_parallel_mesh() -> Optional[jax.sharding.AbstractMesh]:
-  """The context mesh when ExpertBank should run expert-parallel, else None.
-
-  Returns the abstract mesh of `jax.set_mesh(...)` if it has an 'expert'
-  axis, more than one device, and none of MESH_AXES is already manual (an
-  enclosing shard_map).
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or 'expert' not in mesh.axis_names or mesh.size == 1:
-    return None
-  if set(mesh.manual_axes) & set(MESH_AXES):
-    return None
-  return mesh
-
-
-def expert_parallel_apply(expert_fn: Callable[[jax.Array, Any], jax.Array],
-                          buffers: jax.Array, weights: Any, weight_specs: Any,
-                          mesh: MeshLike) -> jax.Array:
-  """Runs `expert_fn` on the experts' slots, each device on its own experts.
-
-  Args:
-    expert_fn: (x [E', N, D], local weights) -> [E', N, D], called inside
-      shard_map on E' = max(E / Pe, 1) experts of this device (it may use
-      collectives over 'model').
-    buffers: [G, E, C, D] dispatched slots, G divisible by Pd * Pe.
-    weights: pytree of [E, ...] per-expert arrays.
-    weight_specs: pytree like `weights` of PartitionSpecs of the dims after
-      E (e.g. P(None, 'model') for [E, D, F]).
-    mesh: a Mesh or AbstractMesh with an 'expert' axis.
-
-  Returns:
-    [G, E, C, D]: slot (g, e, c) holds expert_fn of expert e on it.
-  """
-  g, e, c, d = buffers.shape
-  check_moe_mesh(mesh, e, g)
-  pe = _axis_sizes(mesh).get('expert', 1)
-  reps = max(pe // e, 1)  # devices per expert (R)
-  expert_axis = 'expert' if reps == 1 else None
-  w_specs = jax.tree.map(lambda s: P(expert_axis, *s), weight_specs)
-  c_pad = -(-c // reps) * reps  # C rounded up to a multiple of R
-
-  def body(x, w):  # x [G/(Pd*Pe), E, C, D]
-    gl = x.shape[0]
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, c_pad - c), (0, 0)))
-    x = x.reshape(gl, e * reps, c_pad // reps, d)  # [Gl, E*R, C/R, D]
-    if pe > 1:  # chunk x of axis 1 goes to device x of 'expert'
-      x = jax.lax.all_to_all(x, 'expert', 1, 0, tiled=True)
-    if reps > 1:  # this device computes expert x // R
-      first = jax.lax.axis_index('expert') // reps
-      w = jax.tree.map(
-          lambda a: jax.lax.dynamic_slice_in_dim(a, first, 1, 0), w)
-    rows, el, cr, _ = x.shape  # [Gl*Pe, E', C/R, D]
-    y = expert_fn(x.transpose(1, 0, 2, 3).reshape(el, rows * cr, d), w)
-    y = y.reshape(el, rows, cr, d).transpose(1, 0, 2, 3)  # [Gl*Pe, E', C/R, D]
-    if pe > 1:  # back to the devices that own the groups
-      y = jax.lax.all_to_all(y, 'expert', 0, 1, tiled=True)
-    return y.reshape(gl, e, c_pad, d)[:, :, :c]  # [Gl, E, C, D]
-
-  spec = P(batch_axes(mesh), None, None, None)
-  return jax.shard_map(body, mesh=mesh, in_specs=(spec, w_specs),
-                       out_specs=spec)(buffers, weights)
-
-
-def expert_parallel_ffn(buffers: jax.Array, wis: Sequence[jax.Array],
-                        wo: jax.Array, nonlinearity: Callable, dtype: Any,
-                        mesh: MeshLike) -> jax.Array:
-  """ExpertBank's FFN, expert-parallel over `mesh`.
-
-  Computes act(x . wi) . wo, or act(x . wi_0) * (x . wi_1) . wo when two
-  input kernels are given, in `dtype`, as ExpertBank's plain path does.
-
-  Args:
-    buffers: [G, E, C, D].
-    wis: [wi] or [wi_0, wi_1], each [E, D, F].
-    wo: [E, F, D].
-    nonlinearity: the activation function.
-    dtype: compute dtype.
-    mesh: the mesh (see expert_parallel_apply).
-
-  Returns:
-    [G, E, C, D] in `dtype`.
-  """
-  f = wo.shape[1]
-  pm = _axis_sizes(mesh).get('model', 1)
-  model = 'model' if pm > 1 and f % pm == 0 else None  # else F replicated
-
-  def matmul_out(h, wo):  # h [E', N, F/Pm]
-    if model is None:
-      return jnp.einsum('ENF,EFD->END', h, wo)
-    # Partial sums over this device's F slice, added in float32.
-    y = jnp.einsum('ENF,EFD->END', h, wo, preferred_element_type=jnp.float32)
-    return jax.lax.psum(y, 'model').astype(dtype)  # [E', N, D]
-
-  def ffn(x, w):  # x [E', N, D]
-    local_wis, local_wo = w
-    return ffn_math.gated_ffn(
-        x.astype(dtype), [wi.astype(dtype) for wi in local_wis],
-        local_wo.astype(dtype), nonlinearity,
-        lambda a, wi: jnp.einsum('END,EDF->ENF', a, wi), matmul_out)
-
-  specs = ([P(None, model)] * len(wis), P(model, None))
-  return expert_parallel_apply(ffn, buffers, (list(wis), wo), specs, mesh)
+# Re-exported: `sharding.expert_parallel_*` is the name the layers, tests and
+# notebooks use. Imported last: moejax.expert_parallel reads this module's
+# names, and the package __init__ (through moejax.experts) imports this
+# module first. pylint: disable=wrong-import-position
+from moejax.expert_parallel import expert_parallel_apply  # pylint: disable=unused-import
+from moejax.expert_parallel import expert_parallel_ffn  # pylint: disable=unused-import
+from moejax.expert_parallel import expert_parallel_mesh  # pylint: disable=unused-import

@@ -4,9 +4,10 @@ committed notebooks carry no outputs.
 Each notebook runs in a fresh `python3` kernel (ipykernel) with the
 repository root as working directory and MOEJAX_NOTEBOOK_SMALL=1, which the
 notebooks read to keep every size tiny; TMPDIR points at the test's
-tmp_path, so the run directories they create are cleaned up with it, and
-XLA_FLAGS turns off XLA's CPU backend optimisations (half the compile
-time). A cell error fails the test with the notebook, the cell's index and
+tmp_path, and the test checks that a notebook leaves none of its own
+`moejax_*` folders there (its run directories are its own to delete, in
+Colab too), and XLA_FLAGS turns off XLA's CPU backend optimisations (half
+the compile time). A cell error fails the test with the notebook, the cell's index and
 source, and the traceback. The notebooks assert their own claims (e.g.
 03_expert_parallelism: an all-to-all in the compiled step, the single-device
 result), so a wrong result fails here as a cell error.
@@ -74,6 +75,29 @@ def test_notebook_is_committed_clean(name):
   assert link, f'{name}: the title cell has no Open in Colab link to itself'
 
 
+def _github_repo(nb: nbformat.NotebookNode) -> str:
+  """The GITHUB_REPO constant ('owner/name') of the notebook's setup cell."""
+  found = [m.group(1) for cell in nb.cells if cell.cell_type == 'code'
+           for m in re.finditer(r"^GITHUB_REPO = '([^'/\s]+/[^'/\s]+)'$",
+                                cell.source, re.M)]
+  assert len(found) == 1, f'{len(found)} GITHUB_REPO constants'
+  return found[0]
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_colab_badge_and_clone_follow_one_constant(name):
+  """The badge links to, and Colab clones, the repository GITHUB_REPO names,
+  the same in every notebook."""
+  nb = _read(name)
+  repo = _github_repo(nb)
+  assert repo == _github_repo(_read(NAMES[0]))
+  badge = ('https://colab.research.google.com/github/'
+           f'{repo}/blob/main/notebooks/{name})')
+  assert badge in nb.cells[0].source
+  assert "REPO_URL = f'https://github.com/{GITHUB_REPO}'" in ''.join(
+      cell.source for cell in nb.cells)
+
+
 @pytest.mark.parametrize('name', NAMES)
 def test_notebook_runs(name, tmp_path, monkeypatch):
   """Runs the notebook in the small setting; every cell must succeed."""
@@ -97,6 +121,10 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
           nbclient.exceptions.DeadKernelError) as e:
     pytest.fail(_failure_message(name, nb, e), pytrace=False)
   print(f'{name}: {time.time() - start:.1f} s')
+  # Only the notebook's own folders: TFDS leaves an empty tmp*tfds folder
+  # whenever it builds a dataset (DatasetInfo.initialize_from_bucket).
+  left = sorted(p for p in os.listdir(tmp_path) if p.startswith('moejax'))
+  assert not left, f'{name}: left {left} in TMPDIR'
   images = sum('image/png' in output.get('data', {})
                for cell in nb.cells for output in cell.get('outputs', []))
   # Every notebook draws figures; none shown means the inline backend was

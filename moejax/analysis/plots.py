@@ -3,9 +3,13 @@ importing this module leaves the backend alone).
 
   metrics_vs_value   final metrics vs the swept value, dense baseline as a
                      horizontal line, error bars = std over seeds;
-  loss_curves        eval (and train) loss vs step of every run;
+  loss_curves        eval (and train) loss vs step of every run, the data's
+                     Bayes floor (eval/loss - eval/excess_loss) dashed;
+                     nats/example for classifier runs (records with
+                     eval/accuracy), else nats/token;
   expert_loads       per-layer eval expert load of every point (one heatmap
-                     per point, layers x experts).
+                     per point, layers x experts), coloured around the
+                     uniform load 1/E (white).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import matplotlib
+from matplotlib import colors
 from matplotlib.figure import Figure
 import numpy as np
 
@@ -66,38 +71,58 @@ def metrics_vs_value(rows: Sequence[Mapping[str, Any]],
   fig.savefig(path, dpi=100)
 
 
+def _bayes_floor(curves) -> Optional[float]:
+  """eval/loss - eval/excess_loss of the last eval record that holds both
+  (the runs of a sweep share their eval data), or None."""
+  for _, records, _ in curves:
+    for r in reversed(records):
+      if 'eval/loss' in r and 'eval/excess_loss' in r:
+        return float(r['eval/loss']) - float(r['eval/excess_loss'])
+  return None
+
+
 def loss_curves(curves: Sequence[tuple[str, Sequence[Mapping[str, Any]],
-                                       bool]], path: str) -> None:
-  """Eval loss (markers) and train LM loss (thin) vs step, every run.
+                                       bool]], path: str) -> Figure:
+  """Eval loss (markers) and train task loss (thin) vs step, every run.
 
   Args:
     curves: (label, metrics.jsonl records, is_baseline) per run.
     path: output .png.
+
+  Returns:
+    The saved figure.
   """
-  fig = Figure(figsize=(9, 5.5))
+  fig = Figure(figsize=(10, 5.5))
   ax = fig.subplots()
-  colors = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
+  colours = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (label, records, is_baseline) in enumerate(curves):
-    color = 'k' if is_baseline else colors[i % len(colors)]
+    colour = 'k' if is_baseline else colours[i % len(colours)]
     style = '--' if is_baseline else '-'
     train = [(r['step'], r['train/lm_loss']) for r in records
              if 'train/lm_loss' in r]
     evals = [(r['step'], r['eval/loss']) for r in records
              if 'eval/loss' in r]
     if train:
-      ax.plot(*zip(*train), style, color=color, alpha=0.25, lw=0.8)
+      ax.plot(*zip(*train), style, color=colour, alpha=0.25, lw=0.8)
     if evals:
-      ax.plot(*zip(*evals), 'o' + style, color=color, ms=3, label=label)
+      ax.plot(*zip(*evals), 'o' + style, color=colour, ms=3, label=label)
+  floor = _bayes_floor(curves)
+  if floor is not None:
+    ax.axhline(floor, color='gray', ls=':', lw=1.5,
+               label=f'Bayes floor ({floor:.3f})')
+  per = ('example' if any('eval/accuracy' in r for _, records, _ in curves
+                          for r in records) else 'token')
   ax.set_xlabel('step')
-  ax.set_ylabel('loss (nats / token); thin: train, markers: eval')
+  ax.set_ylabel(f'cross-entropy (nats / {per}); thin: train, markers: eval')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+  return fig
 
 
 def expert_loads(loads: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
-                 path: str) -> bool:
+                 path: str) -> Optional[Figure]:
   """One heatmap (layers x experts) of eval expert load per point.
 
   Args:
@@ -106,11 +131,11 @@ def expert_loads(loads: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
     path: output .png.
 
   Returns:
-    Whether a figure was written (False if no point has MoE layers).
+    The saved figure, or None (nothing written) if no point has MoE layers.
   """
   loads = [(label, layers) for label, layers in loads if layers]
   if not loads:
-    return False
+    return None
   cols = min(3, len(loads))
   nrows = math.ceil(len(loads) / cols)
   fig = Figure(figsize=(4.5 * cols, 2.6 * nrows))
@@ -118,14 +143,21 @@ def expert_loads(loads: Sequence[tuple[str, Mapping[str, Sequence[float]]]],
   for ax, (label, layers) in zip(axes.ravel(), loads):
     names = sorted(layers, key=lambda n: (len(n), n))
     grid = np.asarray([layers[n] for n in names])  # [layers, E]
-    image = ax.imshow(grid, aspect='auto', cmap='viridis', vmin=0.0)
+    uniform = 1.0 / grid.shape[1]
+    norm = colors.TwoSlopeNorm(vmin=0.0, vcenter=uniform,
+                               vmax=max(float(grid.max()), 2 * uniform))
+    image = ax.imshow(grid, aspect='auto', cmap='RdBu_r', norm=norm)
     ax.set_yticks(range(len(names)), labels=names, fontsize=7)
     ax.set_xlabel('expert', fontsize=8)
     ax.set_title(label, fontsize=8)
-    fig.colorbar(image, ax=ax)
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_ticks([0.0, uniform, norm.vmax])
+    bar.set_ticklabels(['0', f'1/E={uniform:.3g}', f'{norm.vmax:.3g}'],
+                       fontsize=7)
   for ax in axes.ravel()[len(loads):]:
     ax.axis('off')
-  fig.suptitle('eval expert load (fraction of token-choices)', fontsize=10)
+  fig.suptitle('eval expert load (fraction of token-choices; white = '
+               'uniform 1/E, red = above, blue = below)', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  return True
+  return fig
