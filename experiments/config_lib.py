@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
 import json
 import math
 import os
-import re
 from typing import Any, Optional
 
 import ml_collections
 
 from configs import base as base_config
 from experiments import model_config
+from experiments.config_keys import call_in_file
+from experiments.config_keys import first_line
 from experiments.config_keys import flatten
 from experiments.config_keys import is_int as _is_int
+from experiments.config_keys import load_file
 from experiments.config_keys import require as _require
 # The model section's names, re-exported (they lived here first).
 from experiments.model_config import DTYPES  # pylint: disable=unused-import
@@ -57,19 +58,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
   Returns:
     The ConfigDict.
+
+  Raises:
+    ValueError, one line naming the file: it does not exist, has a syntax
+    error (with the line), raises when imported or in get_config (with the
+    exception and the line), or get_config returns no ConfigDict.
   """
   path, _, arg = spec.partition(':')
   candidates = [path, os.path.join(_REPO_ROOT, path)]
   found = next((p for p in candidates if os.path.isfile(p)), None)
   if found is None:
     raise ValueError(f'--config file {path!r} does not exist.')
-  name = 'moejax_config_' + re.sub(r'\W', '_', os.path.basename(found)[:-3])
-  module_spec = importlib.util.spec_from_file_location(name, found)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_file(found)
   if not hasattr(module, 'get_config'):
     raise ValueError(f'--config file {found!r} has no get_config(arg).')
-  return module.get_config(arg or None)
+  config = call_in_file(found, module.get_config, arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f'--config file {found!r}: get_config({arg or None!r}) '
+                     f'returned a {type(config).__name__}; allowed: an '
+                     'ml_collections.ConfigDict.')
+  return config
 
 
 def parse_value(text: str) -> Any:
@@ -143,6 +151,16 @@ def _check_type(key: str, value: Any, default: Any) -> None:
                      f'{_type_name(kind)}{none}, got {type(value).__name__}.')
 
 
+def _check_finite(key: str, value: Any) -> None:
+  """Raises for a float that is inf or nan (e.g. `1e999` on the command
+  line): no key takes one."""
+  values = value if isinstance(value, (list, tuple)) else [value]
+  if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+    none = ' or None' if key in base_config.NULLABLE else ''
+    raise ValueError(f'{key}={value!r} is not allowed; allowed values: a '
+                     f'finite number{none}.')
+
+
 def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
   """Every key of `config` is in the base config, with the base's type."""
   known = flatten(base_config.get_base_config().to_dict())
@@ -151,6 +169,7 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
     if key not in known:
       _unknown_key(key, known)
     _check_type(key, value, known[key])
+    _check_finite(key, value)
   missing = sorted(set(known) - set(given))
   if missing:
     raise ValueError(f'config key {missing[0]!r} is missing (every key of '
@@ -168,6 +187,9 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
            'a number > 0')
   for name in ('warmup_steps', 'weight_decay', 'grad_clip'):
     _require(f'train.{name}', t[name], t[name] >= 0, '>= 0')
+  # A warmup past the last step would be cut short (the schedule clamps it).
+  _require('train.warmup_steps', t.warmup_steps, t.warmup_steps <= t.steps,
+           f'an int in [0, train.steps={t.steps}]')
   for name in ('b1', 'b2'):
     _require(f'train.{name}', t[name], 0 <= t[name] < 1, '[0, 1)')
   _require('train.min_lr_ratio', t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1,
@@ -176,7 +198,7 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
   """data.* keys: name, lengths against the stored length, split sizes."""
-  d, t = config.data, config.train
+  d = config.data
   _require('data.name', d.name, bool(d.name.strip()),
            f'{", ".join(map(repr, BUILTIN_DATA))} or a prepared TFDS name')
   _require('data.seq_len', d.seq_len, d.seq_len >= 1, 'an int >= 1')
@@ -192,18 +214,53 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
           **{k: d[k] for k in SYNTHETIC_KEYS})
     except ValueError as e:
       raise ValueError(f'data (synthetic_mixture): {e}') from e
-    needed = t.eval_batches * t.batch_size
-    if d.num_eval < needed:
-      raise ValueError(
-          f'data.num_eval={d.num_eval} is too small for train.eval_batches='
-          f'{t.eval_batches} x train.batch_size={t.batch_size}; allowed '
-          f'values: data.num_eval >= {needed}.')
+    check_split_sizes(config, d.num_train, d.num_eval)
   if d.name == 'local_text':
     _require('data.pattern', d.pattern, bool(d.pattern),
              'a glob of text files (required for local_text)')
   if d.pad_id is not None:
     _require('data.pad_id', d.pad_id, 0 <= d.pad_id < vocab_size(config),
              f'None or a token id in [0, {vocab_size(config)})')
+
+
+def check_split_sizes(config: ml_collections.ConfigDict, num_train: int,
+                      num_eval: int) -> None:
+  """A train split of >= train.batch_size examples (fewer would repeat
+  examples within a batch) and an eval split of >= train.eval_batches x
+  train.batch_size; raises ValueError naming the keys.
+
+  Args:
+    config: the run config.
+    num_train: examples of data.train_split (data.num_train for the
+      synthetic mixture, else counted once loaded).
+    num_eval: examples of data.eval_split.
+  """
+  t = config.train
+  if num_train < t.batch_size:
+    raise ValueError(
+        f'{_split_size("train", num_train, config)} fewer than '
+        f'train.batch_size={t.batch_size}; allowed values: train.batch_size '
+        f'<= {num_train}, or more training examples.')
+  needed = t.eval_batches * t.batch_size
+  if num_eval < needed:
+    raise ValueError(
+        f'{_split_size("eval", num_eval, config)} too few for train.'
+        f'eval_batches={t.eval_batches} x train.batch_size={t.batch_size}; '
+        f'allowed values: >= {needed} eval examples, or fewer '
+        'train.eval_batches.')
+
+
+def _split_size(kind: str, num: int, config: ml_collections.ConfigDict) -> str:
+  """'data.num_train=10 examples is' or "data.train_split='train' of
+  data.name='local_text' (data.pattern='*.txt') holds 10 examples,"."""
+  d = config.data
+  if d.name == 'synthetic_mixture':
+    return f'data.num_{kind}={num} examples is'
+  key = 'train_split' if kind == 'train' else 'eval_split'
+  pattern = (f' (data.pattern={d.pattern!r})' if d.name == 'local_text'
+             else '')
+  return (f'data.{key}={d[key]!r} of data.name={d.name!r}{pattern} holds '
+          f'{num} examples,')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -359,7 +416,6 @@ def build_data(config: ml_collections.ConfigDict,
     b = B or the number of `rows`.
   """
   d, t = config.data, config.train
-  kwargs = _source_kwargs(config)
   rows = rows or slice(0, t.batch_size)
   local = rows.stop - rows.start  # block rows.start // local of B // local
   if local < 1 or rows.start % local or t.batch_size % local:
@@ -368,24 +424,39 @@ def build_data(config: ml_collections.ConfigDict,
                      'equal blocks; order the mesh devices by process.')
   part = dict(process_index=rows.start // local,
               process_count=t.batch_size // local)
+  train, valid = _load_split(config, d.train_split), _load_split(
+      config, d.eval_split)
+  check_split_sizes(config, len(train), len(valid))
   try:
-    train = data_lib.load_source(d.name, d.train_split, data_dir(config),
-                                 **kwargs)
-    valid = data_lib.load_source(d.name, d.eval_split, data_dir(config),
-                                 **kwargs)
     loader = data_lib.BatchLoader(train, batch_size=t.batch_size,
                                   seed=config.seed, seq_len=d.seq_len, **part)
     evals = data_lib.eval_batches(valid, batch_size=t.batch_size,
                                   num_batches=t.eval_batches,
                                   seq_len=d.seq_len, **part)
+  except (RuntimeError, OSError, KeyError) as e:  # unreadable records
+    raise ValueError(
+        f'data.name={d.name!r} in data_dir {data_dir(config)!r} could not be '
+        f'read ({type(e).__name__}: {first_line(e)}); allowed values: a '
+        'readable dataset: prepare it again under data.data_dir.') from e
+  return loader, evals
+
+
+def _load_split(config: ml_collections.ConfigDict, split: str):
+  """data_lib.load_source of one split; a corrupt synthetic / local_text
+  cache is rebuilt there (or named: DataCacheError, a ValueError)."""
+  d = config.data
+  try:
+    return data_lib.load_source(d.name, split, data_dir(config),
+                                **_source_kwargs(config))
+  except data_lib.DataCacheError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
-    first_line = (str(e).strip().splitlines() or [''])[0]
     raise ValueError(
         f'data.name={d.name!r} could not be loaded from data_dir '
-        f'{data_dir(config)!r} ({type(e).__name__}: {first_line}); allowed '
-        f'values: {", ".join(map(repr, BUILTIN_DATA))} or a TFDS dataset '
-        'already prepared (as array_record) under data.data_dir.') from e
-  return loader, evals
+        f'{data_dir(config)!r} ({type(e).__name__}: {first_line(e)}); '
+        f'allowed values: {", ".join(map(repr, BUILTIN_DATA))} or a TFDS '
+        'dataset already prepared (as array_record) under data.data_dir.'
+    ) from e
 
 
 def resolved_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

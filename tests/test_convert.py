@@ -74,7 +74,7 @@ def _small(data_dir: str, **extra) -> list[str]:
       'data.vocab_size': helpers.DATA['vocab_size'],
       'train.batch_size': 4, 'train.eval_batches': 2, 'train.log_every': 1,
       'train.eval_every': 100, 'train.checkpoint_every': 1,
-      'train.warmup_steps': 5, 'train.steps': 2}
+      'train.warmup_steps': 2, 'train.steps': 2}
   values.update({k.replace('__', '.'): v for k, v in extra.items()})
   return [f'--config.{k}={v}' for k, v in values.items()]
 
@@ -199,7 +199,8 @@ def switch_run(tmp_path_factory, data_dir):
   """A tiny switch run of 2 steps (checkpoints 1 and 2)."""
   workdir = str(tmp_path_factory.mktemp('switch') / 'run')
   argv = helpers.small_args('switch', workdir, data_dir, train__steps=2,
-                            train__checkpoint_every=1, train__eval_every=100)
+                            train__warmup_steps=1, train__checkpoint_every=1,
+                            train__eval_every=100)
   assert train.main(argv) == 0
   return workdir, argv
 

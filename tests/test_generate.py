@@ -252,7 +252,8 @@ def workdir(tmp_path_factory):
     load_source('synthetic_mixture', split, data_dir, **helpers.DATA)
   path = str(tmp_path_factory.mktemp('generate') / 'run')
   argv = helpers.small_args('switch', path, data_dir, train__steps=2,
-                            train__eval_every=2, train__checkpoint_every=1)
+                            train__warmup_steps=2, train__eval_every=2,
+                            train__checkpoint_every=1)
   assert train.main(argv) == 0
   return path, argv
 

@@ -1,13 +1,16 @@
 """experiments.sweep: a 2-point sweep of a tiny model, end to end.
 
-Point `top_k=1` trains (4 steps of a 1-layer, D=32 Switch LM); point
-`top_k=8` is rejected by the trainer (top_k > num_experts = 4: exit 2). The
-sweep must report the failure, finish the other point, write the tables
-and plots, and on a second invocation skip the finished point (no new
-attempt, checkpoints and metrics untouched) while retrying the failed one.
-The dense baseline is left out here (--no_baseline) to keep the test to one
-training run; its runs are planned in test_plan_with_baseline and the
-baseline arithmetic is tested in tests/analysis/test_results.py.
+Point `learning_rate=0.01` trains (4 steps of a 1-layer, D=32 Switch LM);
+point `learning_rate=1e+30` is a valid config that diverges in training
+(the trainer's non-finite guard: exit 3). The sweep must report the
+failure, finish the other point, write the tables and plots, and on a
+second invocation skip the finished point (no new attempt, checkpoints and
+metrics untouched) while retrying the failed one. A sweep with an invalid
+value in its 2nd point (`top_k=8` > num_experts = 4) must fail before
+anything trains, naming the point and the key. The dense baseline is left
+out here (--no_baseline) to keep the test to one training run; its runs are
+planned in test_plan_with_baseline and the baseline arithmetic is tested in
+tests/analysis/test_results.py.
 """
 
 import csv
@@ -31,7 +34,11 @@ def get_config(arg=None):
   return switch.get_config(arg)
 
 def get_sweeps(arg=None):
-  return {'two': [{'model.moe.top_k': 1}, {'model.moe.top_k': 8}]}
+  return {'two': [{'train.learning_rate': 0.01},
+                  {'train.learning_rate': 1e30}],
+          'bad_second': [{'model.moe.top_k': 1}, {'model.moe.top_k': 8}],
+          'bad_lr': [{'train.learning_rate': 0.01},
+                     {'train.learning_rate': float('inf')}]}
 '''
 
 
@@ -77,24 +84,23 @@ def test_runner_reports_failure_and_skips_finished(sweep_setup, capsys,
            '--no_baseline', '--parallel=2'] + _overrides(data_dir))
   assert sweep.main(argv) == 1  # one point failed
   log = capsys.readouterr().out
-  assert 'FAILED top_k=8,seed=0: exit 2' in log
-  assert 'top_k=8 must be <=' in log  # the trainer's stderr is reported
-  assert 'done top_k=1,seed=0' in log
+  assert 'FAILED learning_rate=1e+30,seed=0: exit 3' in log
+  assert 'non-finite' in log  # the trainer's stderr is reported
+  assert 'done learning_rate=0.01,seed=0' in log
 
-  good = os.path.join(out, 'top_k=1,seed=0')
+  good = os.path.join(out, 'learning_rate=0.01,seed=0')
   with open(os.path.join(out, 'results.csv')) as f:
     rows = {r['point']: r for r in csv.DictReader(f)}
-  assert set(rows) == {'top_k=1', 'top_k=8'}
-  assert rows['top_k=1']['status'] == 'ok'
-  assert rows['top_k=8']['status'] == 'failed'
-  assert math.isfinite(float(rows['top_k=1']['eval_loss']))
-  assert 0 <= float(rows['top_k=1']['spec_nmi']) <= 1
-  assert float(rows['top_k=1']['params_total']) > float(
-      rows['top_k=1']['params_active'])
-  assert rows['top_k=8']['eval_loss'] == ''
+  assert set(rows) == {'learning_rate=0.01', 'learning_rate=1e+30'}
+  ok, failed = rows['learning_rate=0.01'], rows['learning_rate=1e+30']
+  assert ok['status'] == 'ok' and failed['status'] == 'failed'
+  assert math.isfinite(float(ok['eval_loss']))
+  assert 0 <= float(ok['spec_nmi']) <= 1
+  assert float(ok['params_total']) > float(ok['params_active'])
+  assert failed['eval_loss'] == ''
   with open(os.path.join(out, 'results.md')) as f:
     text = f.read()
-  assert '| 1 | ' in text and '0/1 ok' in text and '## Failed runs' in text
+  assert '| 0.01 | ' in text and '0/1 ok' in text and '## Failed runs' in text
   for name in ('metrics_vs_value', 'loss_curves', 'expert_load'):
     assert os.path.getsize(os.path.join(out, 'plots', name + '.png')) > 0
   with open(os.path.join(good, 'analysis.json')) as f:
@@ -108,12 +114,48 @@ def test_runner_reports_failure_and_skips_finished(sweep_setup, capsys,
             for p in ('metrics.jsonl', 'analysis.json', 'checkpoints')}
   assert sweep.main(argv) == 1
   log = capsys.readouterr().out
-  assert 'skip top_k=1,seed=0: finished (step 4)' in log
-  assert 'train top_k=1' not in log and 'train top_k=8,seed=0' in log
+  assert 'skip learning_rate=0.01,seed=0: finished (step 4)' in log
+  assert 'train learning_rate=0.01' not in log
+  assert 'train learning_rate=1e+30,seed=0' in log
   assert len(_attempts(good)) == 1
-  assert len(_attempts(os.path.join(out, 'top_k=8,seed=0'))) == 2
+  assert len(_attempts(os.path.join(out, 'learning_rate=1e+30,seed=0'))) == 2
   assert stamps == {p: os.stat(os.path.join(good, p)).st_mtime_ns
                     for p in stamps}
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('bad_second', ['sweep point 2 of 2 (top_k=8,seed=0)',
+                    'model.moe.top_k=8 must be <= model.moe.num_experts=4']),
+    ('bad_lr', ['sweep point 2 of 2 (learning_rate=inf,seed=0)',
+                'train.learning_rate=inf', 'a finite number'])])
+def test_every_point_is_validated_before_the_first_trains(
+    sweep_setup, tmp_path, capsys, name, expected):
+  config, data_dir, _ = sweep_setup
+  out = tmp_path / 'out'
+  argv = ([f'--config={config}:tiny', f'--sweep={name}', f'--workdir={out}',
+           '--no_baseline'] + _overrides(data_dir))
+  assert sweep.main(argv) == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith('error: '), captured.err
+  for text in expected:
+    assert text in captured.err, (text, captured.err)
+  assert 'train ' not in captured.out  # no run was started
+  assert not out.exists()  # not even the sweep dir
+
+
+def test_data_that_cannot_be_built_stops_the_sweep_first(sweep_setup,
+                                                         tmp_path, capsys):
+  config, data_dir, _ = sweep_setup
+  out = tmp_path / 'out'
+  argv = ([f'--config={config}:tiny', '--sweep=data.name=synthetic_mixture,'
+           'no_such_dataset', f'--workdir={out}', '--no_baseline'] +
+          _overrides(data_dir))
+  assert sweep.main(argv) == 2
+  captured = capsys.readouterr()
+  assert "the data of run name=no_such_dataset,seed=0: data.name=" in \
+      captured.err, captured.err
+  assert 'train ' not in captured.out
+  assert not (out / 'name=synthetic_mixture,seed=0').exists()
 
 
 def test_plan_with_baseline_and_seeds(sweep_setup, capsys):
@@ -124,13 +166,14 @@ def test_plan_with_baseline_and_seeds(sweep_setup, capsys):
   assert sweep.main(argv) == 0
   lines = capsys.readouterr().out.splitlines()
   names = [line.split(':')[0] for line in lines]
-  assert names == ['dense,seed=0', 'dense,seed=1', 'top_k=1,seed=0',
-                   'top_k=1,seed=1', 'top_k=8,seed=0', 'top_k=8,seed=1']
+  assert names == ['dense,seed=0', 'dense,seed=1', 'learning_rate=0.01,seed=0',
+                   'learning_rate=0.01,seed=1', 'learning_rate=1e+30,seed=0',
+                   'learning_rate=1e+30,seed=1']
   dense = lines[1]
   assert f'--config={REPO}/configs/dense.py:tiny' in dense
   assert '--config.seed=1' in dense and 'model.moe' not in dense
   assert '--config.train.steps=4' in dense  # global overrides apply
-  assert '--config.model.moe.top_k=8' in lines[5]
+  assert '--config.train.learning_rate=1e+30' in lines[5]
   assert '--config.model.moe.jitter_eps=0.01' in lines[5]
   # No dense.py next to this config and no --baseline_config: exit 2.
   assert sweep.main([f'--config={config}:tiny', '--sweep=two',

@@ -25,8 +25,12 @@ the active FLOPs per token of a top-1 model (its FFN is one expert wide), so
 "MoE beats dense" is read at equal compute per token. Re-running the same
 command skips every finished run (its eval of the last step is in
 metrics.jsonl and its analysis.json exists), resumes interrupted ones from
-their checkpoints and retries failed ones. A failed run is reported (exit
-code, last stderr lines) and the others go on; the exit code is then 1.
+their checkpoints and retries failed ones. Before the first run trains,
+every run's config is validated as the trainer would (`config_lib.
+validate_config`) and its data built: a bad value in any point stops the
+sweep at once with exit code 2 and a message naming the point and the key.
+A run that fails later is reported (exit code, last stderr lines) and the
+others go on; the exit code is then 1.
 Ctrl-C (or SIGTERM) stops the running trainers with SIGTERM, so they
 checkpoint first. The runs share JAX's persistent compilation cache in
 <workdir>/.jax_cache (--compilation_cache DIR or none), which only skips

@@ -246,7 +246,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       os.path.abspath(args.workdir), '.jax_cache')
   attempts = {}
   if not args.report_only:
-    runner_lib.prepare_data(runs)
+    try:
+      runner_lib.prepare_data(runs)
+    except ValueError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
     old = signal.signal(signal.SIGTERM, _interrupt)  # stop runs cleanly too
     try:
       attempts = runner_lib.execute(runs, args.parallel,

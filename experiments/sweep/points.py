@@ -7,12 +7,12 @@ seed. See `experiments.sweep` for the command line.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import sys
 from typing import Any, Optional, Sequence
 
+from experiments import config_keys
 from experiments import config_lib
 from moejax.analysis import results as results_lib
 
@@ -53,12 +53,13 @@ def load_sweeps(spec: str) -> dict[str, list[dict[str, Any]]]:
                 if os.path.isfile(p)), None)
   if found is None:
     raise ValueError(f'--config file {path!r} does not exist.')
-  module_spec = importlib.util.spec_from_file_location(
-      'moejax_sweeps_' + re.sub(r'\W', '_', os.path.basename(found)), found)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  sweeps = module.get_sweeps(arg or None) if hasattr(
-      module, 'get_sweeps') else {}
+  module = config_keys.load_file(found, prefix='moejax_sweeps_')
+  sweeps = (config_keys.call_in_file(found, module.get_sweeps, arg or None)
+            if hasattr(module, 'get_sweeps') else {})
+  if not isinstance(sweeps, dict):
+    raise ValueError(f'get_sweeps() of {found} returned a '
+                     f'{type(sweeps).__name__}; allowed: a dict {{sweep name:'
+                     ' [point, ...]}.')
   for name, points in sweeps.items():
     if not (isinstance(points, list) and points and all(
         isinstance(p, dict) and all(isinstance(k, str) for k in p)
@@ -105,14 +106,31 @@ def cli_value(value: Any) -> str:
   return 'none' if value is None else repr(value)
 
 
-def _checked_config(spec: str, overrides: dict[str, Any]):
-  """Loads spec with overrides applied (unknown keys raise ValueError)."""
-  return config_lib.apply_overrides(config_lib.load_config(spec), overrides)
+def _checked_config(spec: str, overrides: dict[str, Any],
+                    what: Optional[str] = None):
+  """Loads spec with overrides applied (unknown keys raise ValueError).
+
+  With `what` (e.g. 'sweep point 2 of 3 (top_k=8,seed=0)') the config is
+  also validated as the trainer will (`config_lib.validate_config`), and an
+  error names `what` first.
+  """
+  try:
+    config = config_lib.apply_overrides(config_lib.load_config(spec),
+                                        overrides)
+    if what:
+      config_lib.validate_config(config)
+  except ValueError as e:
+    raise ValueError(f'{what}: {e}' if what else str(e)) from e
+  return config
 
 
 def make_runs(args, points: Sequence[dict[str, Any]],
               overrides: dict[str, Any]) -> list[Run]:
-  """Expands points x seeds (+ baseline) into runs; checks every key.
+  """Expands points x seeds (+ baseline) into runs; validates every run.
+
+  Every run's config (point, seed and --config overrides) is validated
+  here, before anything trains: a bad value in any point fails the whole
+  sweep at once, naming the point and the key.
 
   Args:
     args: the parsed CLI (config, workdir, seeds, baseline options).
@@ -131,7 +149,7 @@ def make_runs(args, points: Sequence[dict[str, Any]],
   seeds = [base.seed + i for i in range(args.seeds)]
   keys = swept_keys(points)
   runs, names = [], set()
-  for point in points:
+  for index, point in enumerate(points):
     if 'seed' in point and args.seeds > 1:
       raise ValueError(f'sweep point {point} sets seed, so --seeds must be 1,'
                        f' got {args.seeds}.')
@@ -141,8 +159,10 @@ def make_runs(args, points: Sequence[dict[str, Any]],
     names.add(group)
     for seed in ([point['seed']] if 'seed' in point else seeds):
       full = {**overrides, **point, 'seed': seed}
-      steps = _checked_config(spec, full).train.steps
       name = group if 'seed' in point else f'{group},seed={seed}'
+      steps = _checked_config(
+          spec, full, f'sweep point {index + 1} of {len(points)} ({name})'
+      ).train.steps
       runs.append(Run(name, group, seed, dict(point), full, spec,
                       os.path.join(os.path.abspath(args.workdir), name),
                       steps))
@@ -154,7 +174,8 @@ def make_runs(args, points: Sequence[dict[str, Any]],
     runs[:0] = [Run(f'dense,seed={s}', 'dense', s, {},
                     {**dense, 'seed': s}, baseline,
                     os.path.join(root, f'dense,seed={s}'),
-                    _checked_config(baseline, {**dense, 'seed': s}
+                    _checked_config(baseline, {**dense, 'seed': s},
+                                    f'the dense baseline (seed={s})'
                                     ).train.steps, baseline=True)
                 for s in sorted({r.seed for r in runs})]
   return runs

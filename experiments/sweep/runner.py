@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import logging
 import os
 import shlex
 import subprocess
@@ -154,20 +153,27 @@ def write_json(path: str, value: Any) -> None:
 
 
 def prepare_data(runs: Sequence[Run]) -> None:
-  """Builds each distinct dataset once, before runs read it concurrently."""
-  logging.getLogger('absl').setLevel(logging.ERROR)  # TFDS config notices
+  """Builds each distinct dataset once, before runs read it concurrently.
+
+  Raises:
+    ValueError naming the run: its data cannot be built or loaded, or a
+    split is smaller than its batches (the sweep stops before any run
+    trains; that run would fail on it).
+  """
   seen = set()
   for run in runs:
+    config = config_lib.apply_overrides(
+        config_lib.load_config(run.config), run.overrides)
+    t = config.train
+    key = json.dumps([config.data.to_dict(), t.batch_size, t.eval_batches],
+                     sort_keys=True, default=str)
+    if key in seen:
+      continue
+    seen.add(key)
     try:
-      config = config_lib.apply_overrides(
-          config_lib.load_config(run.config), run.overrides)
-      key = json.dumps(config.data.to_dict(), sort_keys=True, default=str)
-      if key in seen:
-        continue
-      seen.add(key)
       config_lib.build_data(config)
-    except ValueError as e:  # the run will fail and report it
-      print(f'warning: data of {run.name} not prepared: {e}', flush=True)
+    except ValueError as e:
+      raise ValueError(f'the data of run {run.name}: {e}') from e
 
 
 def execute(runs: Sequence[Run], parallel: int,

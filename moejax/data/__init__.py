@@ -3,8 +3,9 @@
 Public API:
   SyntheticMixture, RESTART_EPS                   (moejax.data.synthetic)
   SyntheticMixtureBuilder, LocalTextBuilder, synthetic_mixture_config,
-  local_text_config, make_builder, load_source,
+  local_text_config, make_builder, prepare_builder, load_source,
   ByteTextSource, text_chunks                      (moejax.data.builders)
+  DataCacheError                                   (moejax.data.cache)
   BatchLoader, eval_batches, stored_length         (moejax.data.pipeline)
 """
 
@@ -14,8 +15,10 @@ from moejax.data.builders import SyntheticMixtureBuilder
 from moejax.data.builders import load_source
 from moejax.data.builders import local_text_config
 from moejax.data.builders import make_builder
+from moejax.data.builders import prepare_builder
 from moejax.data.builders import synthetic_mixture_config
 from moejax.data.builders import text_chunks
+from moejax.data.cache import DataCacheError
 from moejax.data.pipeline import BatchLoader
 from moejax.data.pipeline import eval_batches
 from moejax.data.pipeline import stored_length
@@ -23,8 +26,9 @@ from moejax.data.synthetic import RESTART_EPS
 from moejax.data.synthetic import SyntheticMixture
 
 __all__ = [
-    'BatchLoader', 'ByteTextSource', 'LocalTextBuilder', 'RESTART_EPS',
-    'SyntheticMixture', 'SyntheticMixtureBuilder', 'eval_batches',
-    'load_source', 'local_text_config', 'make_builder', 'stored_length',
+    'BatchLoader', 'ByteTextSource', 'DataCacheError', 'LocalTextBuilder',
+    'RESTART_EPS', 'SyntheticMixture', 'SyntheticMixtureBuilder',
+    'eval_batches', 'load_source', 'local_text_config', 'make_builder',
+    'prepare_builder', 'stored_length',
     'synthetic_mixture_config', 'text_chunks',
 ]

@@ -16,6 +16,13 @@ only ``Tensor`` / ``Scalar`` features are used.
 Configs are parameterised: :func:`synthetic_mixture_config` and
 :func:`local_text_config` derive a deterministic config name from every
 setting, so different settings never collide in a ``data_dir``.
+
+:func:`load_source` / :func:`prepare_builder` build a dataset once, under
+``<data_dir>/<name>/<config name>/<version>/``, and check it on every later
+load (``moejax.data.cache``): a corrupt directory is deleted and rebuilt
+with a warning naming the corrupt file. TFDS's routine notices are
+silenced around these calls (``moejax.data.tfds_quiet``); a build prints
+one ``data: built ...`` line.
 """
 
 from __future__ import annotations
@@ -25,12 +32,17 @@ import functools
 import glob as glob_lib
 import hashlib
 import os
+import sys
+import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from moejax.data import cache
 from moejax.data.synthetic import SyntheticMixture
+from moejax.data.tfds_quiet import QuietBuild
+from moejax.data.tfds_quiet import quiet_tfds
 
 _FILE_FORMAT = 'array_record'
 _CHUNK = 4096  # examples generated per vectorised numpy call
@@ -99,7 +111,7 @@ def synthetic_mixture_config(**kwargs: Any) -> SyntheticMixtureConfig:
   return c
 
 
-class SyntheticMixtureBuilder(tfds.core.GeneratorBasedBuilder):
+class SyntheticMixtureBuilder(QuietBuild, tfds.core.GeneratorBasedBuilder):
   """``synthetic_mixture``: samples of a :class:`SyntheticMixture`.
 
   Splits ``train`` (num_train examples) and ``validation`` (num_eval) are
@@ -224,7 +236,7 @@ def text_chunks(files: Sequence[str], example_len: int,
   return data[:num * example_len].reshape(num, example_len).astype(np.int32)
 
 
-class LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
+class LocalTextBuilder(QuietBuild, tfds.core.GeneratorBasedBuilder):
   """``local_text``: the user's text files as fixed-length byte sequences.
 
   Documents (files matched by ``pattern``, sorted) are concatenated, each
@@ -307,6 +319,16 @@ class ByteTextSource:
             'optimal_nll': np.float32(np.nan)}
 
 
+def _class_and_config(name: str, builder_kwargs: dict[str, Any]):
+  """(builder class, BuilderConfig) of 'synthetic_mixture' / 'local_text'."""
+  if name == 'synthetic_mixture':
+    return SyntheticMixtureBuilder, synthetic_mixture_config(**builder_kwargs)
+  if name == 'local_text':
+    return LocalTextBuilder, local_text_config(**builder_kwargs)
+  raise ValueError(f'name must be synthetic_mixture or local_text, got '
+                   f'{name!r}')
+
+
 def make_builder(name: str, data_dir: str,
                  **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
   """Returns the ``synthetic_mixture`` or ``local_text`` builder (unbuilt).
@@ -319,20 +341,80 @@ def make_builder(name: str, data_dir: str,
 
   Returns:
     The DatasetBuilder; call ``download_and_prepare(file_format=
-    'array_record')`` then ``as_data_source(split)``.
+    'array_record')`` then ``as_data_source(split)``, or use
+    :func:`prepare_builder`, which also checks and repairs the files.
   """
-  if name == 'synthetic_mixture':
-    cls, config = SyntheticMixtureBuilder, synthetic_mixture_config(
-        **builder_kwargs)
-  elif name == 'local_text':
-    cls, config = LocalTextBuilder, local_text_config(**builder_kwargs)
-  else:
-    raise ValueError(f'name must be synthetic_mixture or local_text, got '
-                     f'{name!r}')
+  return _instantiate(*_class_and_config(name, builder_kwargs), data_dir)
+
+
+def _instantiate(cls, config, data_dir: str) -> tfds.core.DatasetBuilder:
   # A config equal to a predefined one must be passed by name.
   known = {c.name for c in cls.BUILDER_CONFIGS}
-  return cls(config=config.name if config.name in known else config,
-             data_dir=data_dir, file_format=_FILE_FORMAT)
+  with quiet_tfds():
+    return cls(config=config.name if config.name in known else config,
+               data_dir=data_dir, file_format=_FILE_FORMAT)
+
+
+def _build(cls, config, data_dir: str,
+           directory: str) -> tfds.core.DatasetBuilder:
+  """The builder, prepared; a new build prints one line and gets its
+  checksum file."""
+  fresh = not os.path.isdir(directory)
+  start = time.time()
+  builder = _instantiate(cls, config, data_dir)
+  with quiet_tfds():
+    try:
+      builder.download_and_prepare(file_format=_FILE_FORMAT)
+    except Exception:  # another process may have built it meanwhile
+      if not os.path.isdir(directory) or cache.find_problem(directory):
+        raise
+  if fresh:
+    cache.write_checksums(directory)
+    sizes = ' + '.join(f'{s.num_examples} {s.name}'
+                       for s in builder.info.splits.values())
+    print(f'data: built {cls.name} ({sizes} examples) in {directory} '
+          f'({time.time() - start:.1f} s)', flush=True)
+  return builder
+
+
+def prepare_builder(name: str, data_dir: str,
+                    **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
+  """Builds ``synthetic_mixture`` / ``local_text`` if needed, checked.
+
+  The prepared directory (``<data_dir>/<name>/<config>/<version>``) is
+  checked first (``moejax.data.cache.find_problem``: metadata, record
+  counts, checksums). A corrupt one is deleted and rebuilt, with a warning
+  on stderr naming the corrupt file: both datasets are generated locally,
+  so nothing is lost.
+
+  Args:
+    name: 'synthetic_mixture' or 'local_text'.
+    data_dir: TFDS data directory.
+    **builder_kwargs: as for :func:`make_builder`.
+
+  Returns:
+    The prepared builder.
+
+  Raises:
+    DataCacheError: the corrupt directory could not be deleted or is still
+      corrupt after the rebuild; the message names the file and the
+      directory to delete.
+  """
+  cls, config = _class_and_config(name, builder_kwargs)
+  directory = cache.dataset_dir(data_dir, cls.name, config.name,
+                                str(cls.VERSION))
+  problem = cache.find_problem(directory)
+  if problem:
+    print(f'warning: the {name} data cache is corrupt: {problem}; deleting '
+          f'and rebuilding {directory}', file=sys.stderr, flush=True)
+    cache.remove(directory, problem)
+  builder = _build(cls, config, data_dir, directory)
+  again = cache.find_problem(directory) if problem else None
+  if again:
+    raise cache.DataCacheError(
+        f'the {name} data cache is still corrupt after a rebuild ({again});'
+        f' delete the directory {directory} and re-run.')
+  return builder
 
 
 def load_source(name: str, split: str, data_dir: str,
@@ -347,6 +429,9 @@ def load_source(name: str, split: str, data_dir: str,
     prepared (as ArrayRecord), wrapped in :class:`ByteTextSource`; kwargs
     ``text_key`` ('text'), ``example_len`` (129), ``pad`` (0).
 
+  The first two are checked on every load and rebuilt when corrupt (see
+  :func:`prepare_builder`).
+
   Args:
     name: dataset name.
     split: split, e.g. 'train', 'validation', 'train[:10%]'.
@@ -358,9 +443,9 @@ def load_source(name: str, split: str, data_dir: str,
     'optimal_nll': float32} with L = example_len.
   """
   if name in ('synthetic_mixture', 'local_text'):
-    builder = make_builder(name, data_dir, **builder_kwargs)
-    builder.download_and_prepare(file_format=_FILE_FORMAT)
-    return builder.as_data_source(split=split)
+    builder = prepare_builder(name, data_dir, **builder_kwargs)
+    with quiet_tfds():
+      return builder.as_data_source(split=split)
   wrap = {k: builder_kwargs.pop(k) for k in ('text_key', 'example_len', 'pad')
           if k in builder_kwargs}
   if builder_kwargs:

@@ -58,6 +58,13 @@ BAD = [
      ['data.seq_len=32', 'data.seq_len <= 16']),
     ('range', 'dense', 'data.pad_id', '64',
      ['data.pad_id=64', 'None or a token id in [0, 64)']),
+    # non-finite numbers (1e999 parses as inf) in any float key
+    ('range', 'dense', 'train.learning_rate', '1e999',
+     ['train.learning_rate=inf', 'allowed values: a finite number.']),
+    ('range', 'switch', 'model.moe.capacity_factor', '-1e999',
+     ['model.moe.capacity_factor=-inf', 'a finite number or None']),
+    ('range', 'dense', 'model.rope_base', '1e400',
+     ['model.rope_base=inf', 'a finite number']),
     # unknown keys and values
     ('unknown', 'switch', 'model.moe.num_expert', '8',
      ["'model.moe.num_expert'", 'Did you mean model.moe.num_experts']),
@@ -86,6 +93,16 @@ BAD = [
       "'all' with top_k=1, or model.moe.top_k >= 2"]),
     ('contradiction', 'dense', 'model.num_heads', '3',
      ['model.num_heads=3 must divide model.d_model=32']),
+    # train / data sizes that were silently clamped or repeated
+    ('contradiction', 'dense', 'train.warmup_steps', '41',
+     ['train.warmup_steps=41', 'allowed values: an int in [0, '
+      'train.steps=40]']),
+    ('contradiction', 'dense', 'data.num_train', '3',
+     ['data.num_train=3 examples is fewer than train.batch_size=4',
+      'train.batch_size <= 3']),
+    ('contradiction', 'dense', 'data.num_eval', '7',
+     ['data.num_eval=7 examples is too few for train.eval_batches=2 x '
+      'train.batch_size=4', '>= 8 eval examples']),
     ('contradiction', 'dense', 'model.d_model', '30',
      ['model.d_model=30', 'odd head width 15',
       'a multiple of 2 x model.num_heads = 4']),
@@ -304,3 +321,81 @@ def test_classifier_needs_domain_labels(tmp_path):
   with pytest.raises(ValueError, match="data.name='local_text'") as info:
     config_lib.validate_config(config)
   assert "data.name='synthetic_mixture'" in str(info.value)
+
+
+# Config files that cannot be loaded: (file text, texts of the one line).
+BROKEN_FILES = [
+    ('syntax', 'from configs import base\n\ndef get_config(arg=None)\n'
+     '  return base.sized_config(arg, {})\n',
+     ['has a syntax error at line 3', "'def get_config(arg=None)'"]),
+    ('indent', 'def get_config(arg=None):\nreturn None\n',
+     ['has a syntax error at line 2', 'expected an indented block']),
+    ('import', 'from configs import base\nimport no_such_module_xyz\n',
+     ['raised ModuleNotFoundError at line 2 when imported',
+      "No module named 'no_such_module_xyz'"]),
+    ('get_config', 'from configs import base\n\ndef get_config(arg=None):\n'
+     '  c = base.sized_config(arg, {})\n  return c.model.no_such_key\n',
+     ["get_config('tiny') raised AttributeError at line 5", 'no_such_key']),
+    ('returns None', 'def get_config(arg=None):\n  return None\n',
+     ["get_config('tiny') returned a NoneType",
+      'allowed: an ml_collections.ConfigDict']),
+    ('nan value', 'from configs import base\n\ndef get_config(arg=None):\n'
+     '  c = base.sized_config(arg, dict(num_experts=4))\n'
+     "  c.model.rope_base = float('nan')\n  return c\n",
+     ['model.rope_base=nan', 'allowed values: a finite number']),
+]
+
+
+@pytest.mark.parametrize('name,text,expected', BROKEN_FILES,
+                         ids=[b[0] for b in BROKEN_FILES])
+def test_broken_config_file_is_one_line_exit_2(name, text, expected, data_dir,
+                                               tmp_path, capsys,
+                                               compile_events):
+  path = tmp_path / 'broken.py'
+  path.write_text(text)
+  argv = helpers.small_args('switch', str(tmp_path / 'run'), data_dir)
+  argv[0] = f'--config={path}:tiny'
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  assert 'Traceback' not in err
+  if name != 'nan value':  # the others name the file
+    assert repr(str(path)) in err, err
+  for text in expected:
+    assert text in err, (text, err)
+  assert not (tmp_path / 'run').exists()
+  assert not compile_events
+
+
+def test_broken_config_file_in_a_process_is_one_line(tmp_path):
+  path = tmp_path / 'broken.py'
+  path.write_text('def get_config(arg=None):\n  return {\n')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', f'--config={path}',
+       f'--workdir={tmp_path / "run"}'], cwd=helpers.REPO,
+      env=dict(os.environ, PYTHONPATH=helpers.REPO), capture_output=True,
+      text=True, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr == (f'error: --config file {str(path)!r} has a syntax '
+                         "error at line 2: '{' was never closed ('return "
+                         "{').\n"), proc.stderr
+
+
+def test_local_text_splits_too_small_for_the_batch(tmp_path, capsys,
+                                                   compile_events):
+  # 20 chunks of 17 bytes: 19 train examples, ceil(0.05 * 20) = 1 eval.
+  (tmp_path / 'a.txt').write_bytes(bytes(range(256)) + bytes(83))
+  argv = helpers.small_args('dense', str(tmp_path / 'run'),
+                            str(tmp_path / 'tfds')) + [
+                                '--config.data.name=local_text',
+                                f'--config.data.pattern={tmp_path}/*.txt']
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: data.eval_split='validation' of data.name="
+                        f"'local_text' (data.pattern='{tmp_path}/*.txt') "
+                        'holds 1 examples, too few for train.eval_batches=2 '
+                        'x train.batch_size=4'), err
+  assert not compile_events
+  assert train.main(argv + ['--config.train.batch_size=20']) == 2
+  assert ('holds 19 examples, fewer than train.batch_size=20; allowed '
+          'values: train.batch_size <= 19') in capsys.readouterr().err
