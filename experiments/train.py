@@ -12,8 +12,9 @@ key (values are Python literals, `none`/`true`/`false`, or plain strings).
 Without --config, the work dir's stored config.json is the config (keys it
 lacks take their base default); e.g. a work dir made by
 `experiments.convert`. Re-running the same command in the same workdir
-resumes from the newest intact checkpoint; SIGTERM saves a checkpoint and
-exits with code 0.
+resumes from the newest intact checkpoint; SIGTERM or Ctrl-C (SIGINT)
+saves a checkpoint at the step reached and exits with code 0 (a second
+Ctrl-C aborts at once, without saving: exit 130).
 
 `--init_from W` (the config key `init.from_workdir`) starts a new run at
 step 0 from the params and model state of work dir W's newest intact
@@ -32,7 +33,7 @@ yet (no checkpoint after step 0, e.g. fresh from experiments.convert) are
 taken as if --override were given: nothing trained would be mixed.
 
 Exit codes (errors print `error: <message>` to stderr):
-  0  done, or stopped by SIGTERM after saving a checkpoint;
+  0  done, or stopped by SIGTERM / Ctrl-C after saving a checkpoint;
   1  a checkpoint could not be written, or checkpoints exist but none can
      be restored (nothing is started over);
   1  also: jax.distributed could not connect to the coordinator;
@@ -74,6 +75,7 @@ import jax  # importing starts no backend: jax.distributed can still start
 from jax.experimental import multihost_utils
 
 from experiments import config_lib
+from experiments import memory_check
 from experiments import workdir_config
 from experiments.config_lib import build_data  # pylint: disable=unused-import
 from experiments.config_lib import build_model  # pylint: disable=unused-import
@@ -377,6 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _error(f'jax.distributed: {e}', EXIT_RUN_ERROR)
   try:
     mesh, rows = build_mesh(config)
+    memory_check.check_memory(config, model, mesh=mesh)
     train_loader, eval_data = config_lib.build_data(config, rows)
     init_from = init_source(config, args, model, mesh)
   except ValueError as e:
@@ -416,11 +419,23 @@ def _print_summary(result, steps: int, start: float) -> None:
   final = result.last_eval or {}
   summary = ', '.join(f'{k} {v:.4f}' for k, v in final.items()
                       if k in ('eval/loss', 'eval/excess_loss'))
-  status = 'stopped by SIGTERM' if result.preempted else 'done'
+  status = (f'stopped by {result.stop_signal or "SIGTERM"}'
+            if result.preempted else 'done')
   print(f'{status}: step {result.step}/{steps}'
         f'{", " + summary if summary else ""}, wall {time.time() - start:.1f}s',
         flush=True)
 
 
+def run_cli(argv: Optional[Sequence[str]] = None) -> int:
+  """main(argv), with a second Ctrl-C (the first saves and stops) as one
+  line and exit code 130 instead of a traceback."""
+  try:
+    return main(argv)
+  except KeyboardInterrupt:
+    print('aborted: Ctrl-C again before the checkpoint was saved; the last '
+          'saved checkpoint is intact', file=sys.stderr, flush=True)
+    return 130
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(run_cli())

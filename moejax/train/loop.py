@@ -56,7 +56,6 @@ import optax
 
 from moejax import sharding
 from moejax.analysis import capture as capture_lib
-from moejax.models import TransformerLM
 from moejax.models import flops
 from moejax.train import metrics as metrics_lib
 from moejax.train import placement
@@ -80,13 +79,15 @@ class RunResult:
   Attributes:
     state: the final TrainState.
     step: its step.
-    preempted: True if SIGTERM stopped the run early.
+    preempted: True if SIGTERM or SIGINT stopped the run early.
     last_eval: the last eval record written by this call (or None).
+    stop_signal: 'SIGTERM' | 'SIGINT' when preempted (None otherwise).
   """
   state: state_lib.TrainState
   step: int
   preempted: bool
   last_eval: Optional[dict]
+  stop_signal: Optional[str] = None
 
 
 class NonFiniteError(RuntimeError):
@@ -187,24 +188,37 @@ def train_record(step: int, metrics: Mapping[str, Any],
 
 
 class _StopFlag:
-  """Set by SIGTERM while installed (main thread only)."""
+  """Set by SIGTERM or SIGINT (Ctrl-C) while installed (main thread only).
+
+  The first signal asks the loop to save and stop at the next step; after
+  a first SIGINT, SIGINT's previous handler is back, so a second Ctrl-C
+  aborts at once (KeyboardInterrupt, no save).
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.stop = False
-    self._old = None
+    self.signal_name = None
+    self._old = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
     self.stop = True
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print('SIGINT: saving a checkpoint at the next step (Ctrl-C again '
+            'aborts without saving)', flush=True)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
   def stopping(self, step: int) -> bool:
     """Whether to save and stop at `step` (call once per step)."""
@@ -379,7 +393,7 @@ def train_and_evaluate(
     InitSourceError: `init_from` has no checkpoint that fits the model.
   """
   os.makedirs(workdir, exist_ok=True)
-  if isinstance(model, TransformerLM):
+  if flops.supports(model):
     print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
   mesh = mesh if mesh is not None else sharding.make_mesh(
       devices=jax.devices()[:1])
@@ -389,7 +403,7 @@ def train_and_evaluate(
   input_shape = (train_loader.batch_size, train_loader.seq_len)
   metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
   stop_flag = _SyncedStop() if jax.process_count() > 1 else _StopFlag()
-  with stop_flag as stop:  # from here on SIGTERM means "save and return"
+  with stop_flag as stop:  # from here on SIGTERM / SIGINT: save and return
     state, shardings = _start_state(model, optimizer, input_shape, seed,
                                     checkpointer, metrics_path, mesh,
                                     init_from)
@@ -425,7 +439,9 @@ def train_and_evaluate(
   if primary:
     plots.plot_run(workdir, metrics_lib.read_metrics(metrics_path))
   if result.preempted:
-    print(f'SIGTERM: saved a checkpoint at step {result.step}', flush=True)
+    result.stop_signal = getattr(stop_flag, 'signal_name', None) or 'SIGTERM'
+    print(f'{result.stop_signal}: saved a checkpoint at step {result.step}',
+          flush=True)
   return result
 
 

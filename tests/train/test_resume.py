@@ -173,3 +173,47 @@ def test_kill_trials_then_resume_is_exact(reference, data_dir, tmp_path,
   out = capsys.readouterr().out
   assert f'resumed from step {last}' in out, why
   helpers.assert_same_run(helpers.final_state(argv), reference.result())
+
+
+def test_ctrl_c_saves_like_sigterm_and_resumes_exactly(reference, data_dir,
+                                                       tmp_path, capsys):
+  """Ctrl-C (SIGINT) at a step: a checkpoint at the step reached, one line,
+  exit 0; the same command then ends exactly like the reference run."""
+  workdir = str(tmp_path / 'run')
+  argv = helpers.reference_argv(workdir, data_dir)
+  rc, log = _trial(workdir, argv, 'sigint',
+                   lambda: _last_metric_step(workdir) >= 5, signal.SIGINT)
+  assert rc == 0, log[-3000:]
+  stopped = helpers.checkpoint_steps(workdir)[-1]
+  assert stopped >= 5
+  assert f'SIGINT: saved a checkpoint at step {stopped}' in log
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log
+  assert train.main(argv) == 0
+  assert f'resumed from step {stopped}' in capsys.readouterr().out
+  helpers.assert_same_run(helpers.final_state(argv), reference.result())
+
+
+def test_a_second_ctrl_c_aborts_at_once(data_dir, tmp_path):
+  """The first Ctrl-C asks for a save at the next step; a second one before
+  it aborts without saving: one line, exit 130, no traceback. (Steps take
+  1 s here, so the second signal lands before the next step.)"""
+  workdir = str(tmp_path / 'run')
+  argv = helpers.reference_argv(workdir, data_dir)
+  log_path = str(tmp_path / 'log.txt')
+  proc = helpers.start_cli(argv, log_path, 'tests.train.trial_cli',
+                           ('--step_delay', '1.0', '--'))
+  first = 'SIGINT: saving a checkpoint at the next step'
+  try:
+    assert helpers.wait_for(lambda: _last_metric_step(workdir) >= 1, proc,
+                            timeout=120), open(log_path).read()[-3000:]
+    os.kill(proc.pid, signal.SIGINT)
+    assert helpers.wait_for(lambda: first in open(log_path).read(), proc,
+                            timeout=30), open(log_path).read()[-3000:]
+    os.kill(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=60)
+  finally:
+    helpers.stop(proc)
+  log = open(log_path).read()
+  assert rc == 130, log[-3000:]
+  assert 'aborted: Ctrl-C again' in log and 'Traceback' not in log, log
+  assert helpers.checkpoint_steps(workdir) == []  # nothing saved

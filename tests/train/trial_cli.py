@@ -69,7 +69,7 @@ def main() -> int:
       options = options[3:]
     else:
       raise SystemExit(f'unknown option {options[0]}')
-  return train.main(argv)
+  return train.run_cli(argv)
 
 
 if __name__ == '__main__':
