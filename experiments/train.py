@@ -379,9 +379,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _error(f'jax.distributed: {e}', EXIT_RUN_ERROR)
   try:
     mesh, rows = build_mesh(config)
-    memory_check.check_memory(config, model, mesh=mesh)
     train_loader, eval_data = config_lib.build_data(config, rows)
     init_from = init_source(config, args, model, mesh)
+    # After the data (its errors come first, and it traces nothing),
+    # before anything compiles.
+    memory_check.check_memory(config, model, mesh=mesh)
   except ValueError as e:
     return _error(str(e), EXIT_BAD_CONFIG)
   try:
