@@ -120,11 +120,11 @@ MUTATIONS = (
       "combine = _one_hot_tensors(decision, decision.gate.astype(y.dtype))",
       "combine = _one_hot_tensors(decision, jnp.ones_like(decision.gate, "
       "y.dtype))", LAYER_TESTS),
-    M('ragged-combine-no-kept-mask', 'moejax/dispatch.py',
-      '  picked = jnp.where(decision.kept[..., None], picked, 0)\n'
-      "  return jnp.einsum('GSKD,GSK->GSD', picked, weights)",
-      "  return jnp.einsum('GSKD,GSK->GSD', picked, decision.gate.astype("
-      'rows.dtype))', LAYER_TESTS),
+    # (Dropping ragged_combine's kept mask is an equivalent mutant:
+    # ragged_dot already leaves the rows of dropped assignments zero.)
+    M('ragged-rows-unsorted', 'moejax/dispatch.py',
+      '  inverse = jnp.argsort(plan.order)  # row of each assignment',
+      '  inverse = plan.order', LAYER_TESTS),
     M('per-token-wrong-expert', 'moejax/experts.py',
       'idx = expert_index.reshape(n * k).astype(jnp.int32)',
       'idx = (expert_index.reshape(n * k).astype(jnp.int32) + 1) % e',
