@@ -11,10 +11,24 @@
 key (values are Python literals, `none`/`true`/`false`, or plain strings).
 Without --config, the work dir's stored config.json is the config (keys it
 lacks take their base default); e.g. a work dir made by
-`experiments.convert`. Re-running the same command in the same workdir
-resumes from the newest intact checkpoint; SIGTERM or Ctrl-C (SIGINT)
-saves a checkpoint at the step reached and exits with code 0 (a second
-Ctrl-C aborts at once, without saving: exit 130).
+`experiments.convert`.
+
+Resume: re-running the same command in the same workdir resumes from the
+newest intact checkpoint and ends bitwise like an uninterrupted run.
+SIGTERM or Ctrl-C (SIGINT) saves a checkpoint at the step reached and exits
+with code 0; a second Ctrl-C aborts at once, without saving (exit 130).
+metrics.jsonl records after the restored step are dropped (TensorBoard:
+hidden), records missing before it are reported. A work dir without
+config.json is checked against the config saved in its newest checkpoint.
+
+One run per work dir: a run holds `<workdir>/run.lock` (pid, host, start
+time); a second run on the same work dir is refused at once (exit 2, naming
+the holder). The lock of a run that was killed is stale: the next run takes
+it over and says so. With several processes, process 0 holds it.
+
+Library warnings and tracebacks (orbax, asyncio, absl) go to
+`<workdir>/errors.log`, not the terminal; an error prints one `error:`
+line, last, and says when errors.log has its details.
 
 `--init_from W` (the config key `init.from_workdir`) starts a new run at
 step 0 from the params and model state of work dir W's newest intact
@@ -32,17 +46,21 @@ Without --config, overrides of a work dir where no step has been trained
 yet (no checkpoint after step 0, e.g. fresh from experiments.convert) are
 taken as if --override were given: nothing trained would be mixed.
 
-Exit codes (errors print `error: <message>` to stderr):
-  0  done, or stopped by SIGTERM / Ctrl-C after saving a checkpoint;
-  1  a checkpoint could not be written, or checkpoints exist but none can
-     be restored (nothing is started over);
-  1  also: jax.distributed could not connect to the coordinator;
-  2  bad config or refused workdir: before any data is built or anything
-     compiles; the message names the key, the value and what is allowed
-     (a mesh that does not fit the devices or the model included); also
-     an init.from_workdir that cannot initialise the model;
-  3  a non-finite loss / gradient: the message names the step and the first
-     non-finite MoE layer; the last checkpoint is left intact.
+Exit codes (errors print one line, `error: <message>`, to stderr):
+  0    done, or stopped by SIGTERM / Ctrl-C after saving a checkpoint;
+  1    a checkpoint (or metrics file) could not be written, or checkpoints
+       exist but none can be restored (nothing is started over), or
+       jax.distributed could not connect to the coordinator;
+  2    bad config or refused workdir, before any data is built or anything
+       compiles: the message names the key, the value and what is allowed
+       (a mesh that does not fit the devices or the model included); an
+       init.from_workdir that cannot initialise the model; a --workdir that
+       is empty, a file or not writable; a workdir in use by another run;
+       checkpoints of another model (other param shapes);
+  3    a non-finite loss / gradient: the message names the step and the
+       first non-finite MoE layer; the last checkpoint is left intact;
+  130  Ctrl-C before training started, or a second Ctrl-C before the
+       checkpoint was saved (nothing saved; the last checkpoint is intact).
 
 Devices and hosts (README "Scaling out"): `--config.mesh.data/expert/model`
 lay the run out on a device mesh (one may be -1: the remaining devices);
@@ -66,13 +84,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from typing import Optional, Sequence
 
 import jax  # importing starts no backend: jax.distributed can still start
 from jax.experimental import multihost_utils
+import numpy as np
 
 from experiments import config_lib
 from experiments import memory_check
@@ -81,8 +99,11 @@ from experiments.config_lib import build_data  # pylint: disable=unused-import
 from experiments.config_lib import build_model  # pylint: disable=unused-import
 from moejax import sharding
 from moejax.train import checkpoint as checkpoint_lib
+from moejax.train import lock as lock_lib
 from moejax.train import state as state_lib
+from moejax.train import stop as stop_lib
 from moejax.train.checkpoint import InitSourceError
+from moejax.train.run_spec import RunSpec
 
 INIT_KEY = 'init.from_workdir'  # what --init_from sets
 
@@ -119,7 +140,8 @@ def parse_args(argv: Optional[Sequence[str]]):
   """
   parser = argparse.ArgumentParser(
       prog='python -m experiments.train',
-      description='Train a dense / MoE Transformer LM.',
+      description=__doc__,  # usage, resume, the lock, exit codes
+      formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog='Override any key with --config.<dotted.key>=<value>.')
   parser.add_argument('--config', default=None,
                       help='config file and variant, e.g. '
@@ -250,65 +272,64 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _error(message: str, code: int) -> int:
+def _error(message: str, code: int,
+           log: Optional[workdir_config.LibraryLog] = None) -> int:
+  """Prints the one `error:` line (naming errors.log if it has details of
+  this run) and returns `code`."""
+  if log is not None and log.count:
+    message += f' (details: {log.path})'
+  sys.stdout.flush()
   print(f'error: {message}', file=sys.stderr, flush=True)
   return code
 
 
-def _next_free(pattern: str) -> str:
-  """pattern.format(n) for the smallest n >= 1 that does not exist."""
-  n = 1
-  while os.path.exists(pattern.format(n)):
-    n += 1
-  return pattern.format(n)
+def _lock_workdir(config, workdir: str) -> Optional[lock_lib.WorkdirLock]:
+  """The work dir's lock, taken by process 0 (None on the others, which
+  learn whether process 0 got it: a refusal stops every process).
 
-
-def keep_stored_config(workdir: str) -> Optional[str]:
-  """Copies config.json to config.<n>.json (before an --override run).
-
-  Returns:
-    The copy's path, or None if there is no config.json.
+  Raises:
+    WorkdirLockedError: another live run holds it.
+    OSError: the lock file cannot be written.
   """
-  path = os.path.join(workdir, workdir_config.CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  target = _next_free(os.path.join(workdir, 'config.{}.json'))
-  shutil.copyfile(path, target)
-  return target
+  lock, error = None, None
+  several = config_lib.uses_distributed(config) and jax.process_count() > 1
+  if not several or jax.process_index() == 0:  # (no backend start if one)
+    try:
+      lock = lock_lib.WorkdirLock(workdir)
+      lock.acquire()
+    except (lock_lib.WorkdirLockedError, OSError) as e:
+      lock, error = None, e
+  if several and multihost_utils.broadcast_one_to_all(
+      np.int32(error is not None)) and error is None:
+    error = lock_lib.WorkdirLockedError(
+        workdir, {}, f'process 0 could not lock --workdir {workdir} (see '
+        'its error); every process stops.')
+  if error is not None:
+    raise error
+  return lock
 
 
-def move_run_aside(workdir: str) -> Optional[str]:
-  """Renames a non-empty work dir to `<workdir>.old-<n>` (for --fresh).
-
-  Nothing is deleted; the caller starts a new run in `workdir`.
-
-  Returns:
-    The new name of the old run, or None if there was nothing to move.
-  """
-  workdir = os.path.normpath(workdir)
-  if not os.path.isdir(workdir) or not os.listdir(workdir):
-    return None
-  target = _next_free(workdir + '.old-{}')
-  os.rename(workdir, target)
-  return target
-
-
-def _prepare_workdir(args, diff: list) -> None:
-  """--fresh: moves the old run aside; --override (or overrides of an
-  untrained stored config): keeps its config. With several processes,
-  process 0 does it and the others wait."""
+def _prepare_workdir(args, diff: list,
+                     lock: Optional[lock_lib.WorkdirLock]) -> None:
+  """--fresh: moves the old run aside (the lock moves to the new work dir);
+  --override (or overrides of an untrained stored config): keeps its
+  config. With several processes, process 0 does it and the others wait."""
   if jax.process_index() != 0:
     return
   if args.fresh:
-    moved = move_run_aside(args.workdir)
+    moved = workdir_config.move_run_aside(args.workdir)
     if moved:
+      if lock is not None:
+        lock.moved_to(moved)
       print(f'--fresh: moved the previous run to {moved}', flush=True)
   elif diff:
-    kept = keep_stored_config(args.workdir)
+    kept = workdir_config.keep_stored_config(args.workdir)
     why = ('--override: continuing with' if args.override else
            'no step trained yet: starting with')
-    print(f'{why} a config that differs from the stored one (kept as '
-          f'{kept}):\n' + '\n'.join(diff), flush=True)
+    where = (f'kept as {kept}' if kept else
+             'it was saved in the checkpoints only')
+    print(f'{why} a config that differs from the stored one ({where}):\n'
+          + '\n'.join(diff), flush=True)
 
 
 def init_source(config, args, model, mesh) -> Optional[str]:
@@ -350,6 +371,19 @@ def init_error(error) -> str:
           "checkpoint of this config's model.")
 
 
+def run_spec(config, workdir: str, init_from: Optional[str]) -> RunSpec:
+  """The RunSpec of a validated config (see `train_and_evaluate`)."""
+  t, moe = config.train, config.model.moe
+  return RunSpec(
+      workdir=workdir, steps=t.steps, seed=config.seed,
+      aux_loss_weight=moe.aux_loss_weight, z_loss_weight=moe.z_loss_weight,
+      pad_id=config.data.pad_id, log_every=t.log_every,
+      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+      keep_checkpoints=t.keep_checkpoints,
+      config=config_lib.resolved_config(config), init_from=init_from,
+      num_domains=_num_domains(config))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the trainer; returns the process exit code (see the module doc).
 
@@ -357,18 +391,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv: arguments without the program name (None: sys.argv[1:]).
 
   Returns:
-    Exit code: 0 ok, 1 checkpoint error, 2 bad config / refused workdir,
-    3 non-finite values.
+    Exit code: 0 ok, 1 checkpoint / write error, 2 bad config / refused
+    workdir, 3 non-finite values. (Ctrl-C outside the training steps
+    raises KeyboardInterrupt: `run_cli` makes it 130.)
   """
   args, overrides = parse_args(argv)
   start = time.time()
   try:
+    workdir_config.check_workdir_path(args.workdir)
     config = load_and_validate(args.config, overrides, args.workdir)
-    override = args.override or (args.config is None and
-                                 workdir_config.untrained(args.workdir))
-    diff = [] if args.fresh else workdir_config.check_workdir_config(
-        config, args.workdir, override=override)
-    model = config_lib.build_model(config)
   except ValueError as e:
     return _error(str(e), EXIT_BAD_CONFIG)
   try:  # before anything touches a device
@@ -377,7 +408,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _error(str(e), EXIT_BAD_CONFIG)
   except RuntimeError as e:
     return _error(f'jax.distributed: {e}', EXIT_RUN_ERROR)
+  with workdir_config.LibraryLog(args.workdir) as log:
+    try:
+      lock = _lock_workdir(config, args.workdir)
+    except (lock_lib.WorkdirLockedError, OSError) as e:
+      return _error(str(e), EXIT_BAD_CONFIG)
+    try:
+      return _locked_main(args, config, start, log, lock)
+    finally:
+      if lock is not None:
+        lock.release()
+
+
+def _locked_main(args, config, start: float, log: workdir_config.LibraryLog,
+                 lock: Optional[lock_lib.WorkdirLock]) -> int:
+  """main, once this run owns the work dir: checks the stored config,
+  builds the mesh and data (nothing compiled yet), then trains."""
   try:
+    override = args.override or (args.config is None and
+                                 workdir_config.untrained(args.workdir))
+    diff = [] if args.fresh else workdir_config.check_workdir_config(
+        config, args.workdir, override=override)
+    model = config_lib.build_model(config)
     mesh, rows = build_mesh(config)
     train_loader, eval_data = config_lib.build_data(config, rows)
     init_from = init_source(config, args, model, mesh)
@@ -385,34 +437,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # before anything compiles.
     memory_check.check_memory(config, model, mesh=mesh)
   except ValueError as e:
-    return _error(str(e), EXIT_BAD_CONFIG)
+    return _error(str(e), EXIT_BAD_CONFIG, log)
   try:
-    _prepare_workdir(args, diff)
+    _prepare_workdir(args, diff, lock)
+  except lock_lib.WorkdirLockedError as e:
+    return _error(str(e), EXIT_BAD_CONFIG)
   except OSError as e:
     return _error(f'could not prepare --workdir {args.workdir}: {e}',
                   EXIT_RUN_ERROR)
   _sync('moejax_workdir_ready')
   from moejax import train as train_lib  # pylint: disable=g-import-not-at-top
   optimizer, schedule = config_lib.build_optimizer(config)
-  t, moe = config.train, config.model.moe
   try:
     result = train_lib.train_and_evaluate(
-        model, workdir=args.workdir, train_loader=train_loader,
-        eval_data=eval_data, steps=t.steps, seed=config.seed,
-        optimizer=optimizer, learning_rate_fn=schedule,
-        aux_loss_weight=moe.aux_loss_weight, z_loss_weight=moe.z_loss_weight,
-        pad_id=config.data.pad_id, log_every=t.log_every,
-        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
-        keep_checkpoints=t.keep_checkpoints,
-        config=config_lib.resolved_config(config), mesh=mesh,
-        num_domains=_num_domains(config), init_from=init_from)
+        model, run_spec(config, args.workdir, init_from),
+        train_loader=train_loader, eval_data=eval_data, optimizer=optimizer,
+        learning_rate_fn=schedule, mesh=mesh)
   except train_lib.NonFiniteError as e:
     return _error(str(e), EXIT_NONFINITE)
   except InitSourceError as e:
     return _error(init_error(e), EXIT_BAD_CONFIG)
-  except train_lib.CheckpointError as e:
-    return _error(str(e), EXIT_RUN_ERROR)
-  _print_summary(result, t.steps, start)
+  except checkpoint_lib.CheckpointMismatchError as e:
+    return _error(str(e), EXIT_BAD_CONFIG)
+  except (train_lib.CheckpointError, OSError) as e:
+    log.exception(e)
+    if isinstance(e, OSError):
+      e = (f'could not write in --workdir {args.workdir} ({e}); free disk '
+           'space or fix the permissions, then re-run the same command to '
+           'resume from the last checkpoint.')
+    return _error(str(e), EXIT_RUN_ERROR, log)
+  _print_summary(result, config.train.steps, start)
   return 0
 
 
@@ -429,15 +483,26 @@ def _print_summary(result, steps: int, start: float) -> None:
 
 
 def run_cli(argv: Optional[Sequence[str]] = None) -> int:
-  """main(argv), with a second Ctrl-C (the first saves and stops) as one
-  line and exit code 130 instead of a traceback."""
+  """main(argv), with Ctrl-C outside the training steps, or a second Ctrl-C
+  (the first saves and stops), as one line and exit code 130 instead of a
+  traceback."""
   try:
     return main(argv)
+  except stop_lib.SecondInterrupt:
+    message = ('Ctrl-C again before the checkpoint was saved; the last saved '
+               'checkpoint is intact')
   except KeyboardInterrupt:
-    print('aborted: Ctrl-C again before the checkpoint was saved; the last '
-          'saved checkpoint is intact', file=sys.stderr, flush=True)
-    return 130
+    message = ('Ctrl-C outside the training steps: nothing was saved; the '
+               'last saved checkpoint (if any) is intact')
+  sys.stdout.flush()
+  print(f'aborted: {message}', file=sys.stderr, flush=True)
+  return 130
 
 
 if __name__ == '__main__':
-  sys.exit(run_cli())
+  _code = run_cli()
+  if _code:  # after an error: no wait for library threads, no exit noise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_code)  # pylint: disable=protected-access
+  sys.exit(_code)

@@ -25,20 +25,24 @@ CRC-checked at restore, only by orbax's own metadata. With several
 processes, process 0 alone moves and deletes checkpoint directories, and
 the others wait for it.
 
-Initialising from another run (`restore_init_variables`): a new run may
-start from the params and model state of another work dir's newest intact
-checkpoint (not its optimizer state or step). The source is only read:
-its tree and shapes are compared with the new model's from the saved
-metadata before any array is read (`check_init_source` names the first
-differing leaf), only `params` and `model_state` are read (orbax partial
-restore), with the same CRC check as `restore`; a corrupt checkpoint is
-skipped for an older one but not moved.
+Each checkpoint also holds `config` (the run's resolved config as JSON,
+when the Checkpointer was given one): `saved_config` reads it back, so a
+work dir that lost its config.json still knows what its checkpoints were
+made with. Before reading any array, `restore_latest_good` compares each
+checkpoint's saved param shapes with the restore target's: a checkpoint of
+another model is refused with `CheckpointMismatchError` naming the first
+differing param (it is not corrupt, and nothing is moved).
+
+Initialising from another run: see `moejax.train.init_source`
+(`check_init_source`, `restore_init_variables`, re-exported here).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import threading
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -60,6 +64,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointCorruptError(CheckpointError):
   """A checkpoint restored, but its contents differ from what was saved."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint holds params of other shapes than the run's model (a run
+  of another config): refused before reading any array."""
 
 
 class InitSourceError(ValueError):
@@ -126,13 +135,18 @@ class Checkpointer:
     keep: number of checkpoints to keep (older ones are deleted after a
       successful save).
     log: where warnings go (default: print).
+    config: the run's resolved config (JSON-serialisable), saved in every
+      checkpoint as its `config` item (see `saved_config`); None: none.
   """
 
   def __init__(self, workdir: str, keep: int = 2,
-               log: Callable[[str], None] = lambda m: print(m, flush=True)):
+               log: Callable[[str], None] = lambda m: print(m, flush=True),
+               config: Optional[Mapping[str, Any]] = None):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self._log = log
+    self._config = None if config is None else json.loads(json.dumps(
+        dict(config)))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -180,9 +194,11 @@ class Checkpointer:
     step = int(state.step)
     if step in self._manager.all_steps():
       return False
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        integrity=ocp.args.JsonSave({'crc32': tree_crc32(state)}))
+    items = dict(state=ocp.args.StandardSave(state),
+                 integrity=ocp.args.JsonSave({'crc32': tree_crc32(state)}))
+    if self._config is not None:
+      items['config'] = ocp.args.JsonSave(self._config)
+    args = ocp.args.Composite(**items)
     try:
       saved = self._manager.save(step, args=args, force=True)
       self._manager.wait_until_finished()
@@ -197,7 +213,7 @@ class Checkpointer:
               if previous is not None else 'there is no earlier checkpoint')
       raise CheckpointError(
           f'could not save the checkpoint of step {step} in '
-          f'{self.directory} ({type(e).__name__}: {_first_line(e)}); {kept}.'
+          f'{self.directory} ({type(e).__name__}: {first_line(e)}); {kept}.'
           ' Free disk space or fix the permissions, then re-run the same '
           'command to resume.') from e
     return True
@@ -245,14 +261,20 @@ class Checkpointer:
 
     Returns:
       The restored TrainState, or None if there is no checkpoint at all.
+
+    Raises:
+      CheckpointMismatchError: a checkpoint's saved param shapes are not
+        `abstract_state`'s (checked before reading its arrays).
+      CheckpointError: checkpoints exist but none reads back intact.
     """
     self.remove_unfinished()
     failures = []
     for step in reversed(self.all_steps()):
+      self._check_fits(abstract_state, step)
       try:
         state = self.restore(abstract_state, step)
       except Exception as e:  # pylint: disable=broad-except
-        reason = f'{type(e).__name__}: {_first_line(e)}'
+        reason = f'{type(e).__name__}: {first_line(e)}'
         self._log(f'warning: checkpoint {step} in {self.directory} is '
                   f'unreadable or corrupt ({reason})')
         failures.append((step, reason))
@@ -271,6 +293,24 @@ class Checkpointer:
           'otherwise restore the files from a backup.')
     return None
 
+  def _check_fits(self, abstract_state: TrainState, step: int) -> None:
+    """Raises CheckpointMismatchError if checkpoint `step`'s saved param
+    shapes are not the target's (unreadable metadata passes: `restore`
+    then reports the checkpoint as unreadable)."""
+    try:
+      saved = saved_variables(epath.Path(self.directory) / str(step))
+    except Exception:  # pylint: disable=broad-except
+      return
+    problem = variables_mismatch(
+        saved, {'params': abstract_state.params,
+                'model_state': abstract_state.model_state})
+    if problem:
+      raise CheckpointMismatchError(
+          f'checkpoint {step} in {self.directory} does not fit this run\'s '
+          f'model: {problem}. The work dir holds a run of another model '
+          'config; allowed: the config its checkpoints were made with, or '
+          '--fresh to move the old run aside and start over.')
+
   def _move_aside(self, step: int) -> None:
     """Moves checkpoint `step` to <workdir>/bad_checkpoints/<step>[.n]."""
     target_dir = os.path.join(self.workdir, BAD_DIR)
@@ -285,15 +325,29 @@ class Checkpointer:
     self._manager.reload()
     self._log(f'checkpoint: moved the bad checkpoint {step} to {target}')
 
-  def close(self) -> None:
-    """Waits for pending writes and releases the manager (a failure here is
-    logged, not raised, so it cannot hide the error that ended a run)."""
-    try:
-      self._manager.wait_until_finished()
-      self._manager.close()
-    except Exception as e:  # pylint: disable=broad-except
+  def close(self, timeout: float = 120.0) -> None:
+    """Waits (at most `timeout` s) for pending writes and releases the
+    manager. A failure or a timeout here is logged, not raised, so it
+    cannot hide the error that ended a run, nor stall its exit (after a
+    failed write orbax may wait on a thread that will never answer)."""
+    failed = []
+
+    def close_manager():
+      try:
+        self._manager.wait_until_finished()
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append(f'{type(e).__name__}: {first_line(e)}')
+
+    closer = threading.Thread(target=close_manager, daemon=True,
+                              name='moejax_checkpointer_close')
+    closer.start()
+    closer.join(timeout)
+    if closer.is_alive():
+      failed.append(f'no answer within {timeout:.0f} s; not waiting longer')
+    if failed:
       self._log(f'warning: closing the checkpoint manager failed '
-                f'({type(e).__name__}: {_first_line(e)})')
+                f'({failed[0]})')
 
 
 def _primary() -> bool:
@@ -307,11 +361,11 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(f'moejax_checkpoint_{name}')
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [''])[0][:300]
 
 
-# ------------------------------------------------- params from another run
+# ------------------------------------------- what a checkpoint says it holds
 VARIABLE_ITEMS = ('params', 'model_state')  # what an init source gives
 
 
@@ -335,7 +389,7 @@ def _leaf_table(tree: Mapping, prefix: str) -> dict[str, Any]:
   return out
 
 
-def _variable_table(tree: Mapping) -> dict[str, Any]:
+def variable_table(tree: Mapping) -> dict[str, Any]:
   """_leaf_table of a {'params': ..., 'model_state': ...} tree."""
   out = {}
   for item in VARIABLE_ITEMS:
@@ -347,7 +401,7 @@ def variables_mismatch(saved: Mapping, expected: Mapping) -> Optional[str]:
   """The first difference in leaf paths or shapes between two
   {'params': ..., 'model_state': ...} trees (leaves with a `.shape`), in
   `expected`'s order; None if they match (dtypes are not compared)."""
-  got, want = _variable_table(saved), _variable_table(expected)
+  got, want = variable_table(saved), variable_table(expected)
   for name, leaf in want.items():
     if name not in got:
       return (f'{name} (shape {tuple(leaf.shape)} in this run\'s model) is '
@@ -362,113 +416,38 @@ def variables_mismatch(saved: Mapping, expected: Mapping) -> Optional[str]:
   return None
 
 
-def _saved_variables(step_dir: epath.Path) -> dict[str, Any]:
+def saved_variables(step_dir: epath.Path) -> dict[str, Any]:
   """{'params', 'model_state'} of a checkpoint's array metadata (shape,
   dtype), read without reading any array."""
   tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
   return {item: tree.get(item) or {} for item in VARIABLE_ITEMS}
 
 
-def check_init_source(workdir: str, abstract: Mapping) -> int:
-  """Checks that `workdir` can initialise a model of `abstract`'s shapes.
 
-  Args:
-    workdir: the source run directory.
-    abstract: {'params': ..., 'model_state': ...} of the new run
-      (ShapeDtypeStructs, e.g. of `abstract_train_state`).
+def saved_config(workdir: str) -> Optional[tuple[int, dict]]:
+  """The resolved config saved in `workdir`'s newest checkpoint that has
+  one (its `config` item, plain JSON: read without orbax or a device).
 
   Returns:
-    The newest checkpoint step whose metadata reads back.
-
-  Raises:
-    InitSourceError naming the directory, or the first differing leaf path
-    and both shapes.
+    (step, config dict), or None if no checkpoint carries a readable one.
   """
-  if not os.path.isdir(workdir):
-    raise InitSourceError(workdir, 'is not a directory')
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise InitSourceError(workdir, 'holds no checkpoint (no '
-                          f'{os.path.join(workdir, "checkpoints", "<step>")})')
-  for step in reversed(steps):
-    step_dir = epath.Path(workdir) / 'checkpoints' / str(step)
-    try:
-      saved = _saved_variables(step_dir)
-    except Exception:  # pylint: disable=broad-except
-      continue  # unreadable metadata: an older checkpoint may do
-    problem = variables_mismatch(saved, abstract)
-    if problem:
-      raise InitSourceError(workdir, f'does not fit this run\'s model: in '
-                            f'its checkpoint {step}, {problem}')
-    return step
-  raise InitSourceError(workdir, f'has no checkpoint with readable metadata '
-                        f'(steps {steps})')
-
-
-def _restore_variables(step_dir: epath.Path, abstract: Mapping) -> dict:
-  """Partial restore of params and model state (saved dtypes, `abstract`'s
-  shardings), CRC-checked, then cast to `abstract`'s dtypes."""
-  saved = _variable_table(_saved_variables(step_dir))
-  dtypes = {name: leaf.dtype for name, leaf in saved.items()}
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-  def target(item):
-    def leaf(path, x):
-      name = '/'.join([item] + [str(k.key) for k in path])
-      return jax.ShapeDtypeStruct(x.shape, dtypes[name],
-                                  sharding=x.sharding or default)
-    return jax.tree_util.tree_map_with_path(leaf, abstract[item])
-
-  tree = {item: target(item) for item in VARIABLE_ITEMS}
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
-    restored = reader.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
-        tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
-        partial_restore=True))
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
-    saved_crc = dict(reader.restore(step_dir / 'integrity')['crc32'])
-  for item in VARIABLE_ITEMS:
-    for path, crc in tree_crc32(restored[item]):
-      want = saved_crc.get(f'.{item}{path}')
-      if None not in (want, crc) and want != crc:
-        raise CheckpointCorruptError(
-            f'checkpoint {step_dir.name} is corrupt: leaf .{item}{path} has '
-            f'CRC-32 {crc:#010x}, saved as {want:#010x}')
-  return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else
-                      x.astype(a.dtype), restored,
-                      {item: abstract[item] for item in VARIABLE_ITEMS})
-
-
-def restore_init_variables(workdir: str, abstract: Mapping,
-                           log: Callable[[str], None] = lambda m: print(
-                               m, flush=True)) -> tuple[int, dict]:
-  """Params and model state of `workdir`'s newest intact checkpoint.
-
-  Nothing else is read (no optimizer state) and nothing in `workdir` is
-  changed: a corrupt checkpoint is logged and an older one tried.
-
-  Args:
-    workdir: the source run directory.
-    abstract: {'params': ..., 'model_state': ...} ShapeDtypeStructs of the
-      new run, with the shardings to place the arrays with (see
-      `sharding.abstract_with_shardings`); their dtypes are the restored
-      ones (a float32 source initialises a bfloat16 run).
-
-  Returns:
-    (the checkpoint's step, {'params': ..., 'model_state': ...}).
-
-  Raises:
-    InitSourceError: see `check_init_source`, or no checkpoint intact.
-  """
-  check_init_source(workdir, abstract)
-  failures = []
   for step in reversed(checkpoint_steps(workdir)):
-    step_dir = epath.Path(workdir) / 'checkpoints' / str(step)
+    path = os.path.join(workdir, 'checkpoints', str(step), 'config',
+                        'metadata')  # orbax JsonSave's file name
     try:
-      return step, _restore_variables(step_dir, abstract)
-    except Exception as e:  # pylint: disable=broad-except
-      reason = f'{type(e).__name__}: {_first_line(e)}'
-      log(f'warning: checkpoint {step} of {workdir} is unreadable or '
-          f'corrupt ({reason}); trying an older one')
-      failures.append(f'step {step}: {reason}')
-  raise InitSourceError(workdir, 'has no checkpoint that reads back intact '
-                        f'({"; ".join(failures)})')
+      with open(path, encoding='utf-8') as f:
+        config = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(config, dict):
+      return step, config
+  return None
+
+
+def __getattr__(name: str):
+  """The init-source functions, which live in `init_source` (imported on
+  first use: it imports this module)."""
+  if name in ('check_init_source', 'restore_init_variables'):
+    from moejax.train import init_source  # pylint: disable=g-import-not-at-top
+    return getattr(init_source, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -5,9 +5,12 @@ Step convention: `state.step` counts updates done. The update that uses
 evaluated or checkpointed "at step s" refers to the state after s updates.
 At a step s the loop writes, in this order, the train record (if s is a log
 step), the eval record (if an eval step), then the checkpoint (if a
-checkpoint step). A run restored from the checkpoint at step s therefore
-finds every record of steps <= s on disk; records of later steps (written
-before a kill) are dropped, and the resumed run rewrites them identically.
+checkpoint step), after flushing the TensorBoard events. A run restored
+from the checkpoint at step s therefore finds every record of steps <= s on
+disk, in metrics.jsonl and in TensorBoard; records of later steps (written
+before a kill) are dropped (TensorBoard: marked stale), and the resumed run
+rewrites them identically. A metrics.jsonl that lacks records of steps
+<= s (truncated or edited) is reported at resume, step by step.
 
 Reliability:
   * Resume: the newest checkpoint that reads back intact is used (see
@@ -21,6 +24,9 @@ Reliability:
     after it is written, so the last checkpoint stays the last good state.
   * A failed checkpoint write stops the run with CheckpointError; older
     checkpoints are untouched.
+  * A checkpoint of another model (other param shapes) is refused with
+    CheckpointMismatchError before any array is read; nothing is moved.
+  * Every checkpoint carries the run's resolved config (`RunSpec.config`).
   * Init from another run (`init_from`): only a run without checkpoints
     starts from the source's params and model state (step 0, a fresh
     optimizer state); a run that has checkpoints resumes and says that it
@@ -33,24 +39,21 @@ each process loads only its rows of every global batch
 (`sharding.process_batch_rows`) and `sharding.shard_batch` assembles them.
 With several processes, process 0 alone writes config.json, metrics,
 TensorBoard events and plots; every process runs every step, eval and
-checkpoint save (they are collective), and SIGTERM is agreed on through
-JAX's preemption sync point so all processes save the same step.
+checkpoint save (they are collective), and SIGTERM (or Ctrl-C, see
+`moejax.train.stop`) is agreed on through JAX's preemption sync point so
+all processes save the same step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
-import signal
-import threading
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
@@ -62,8 +65,11 @@ from moejax.train import placement
 from moejax.train import plots
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
+from moejax.train import stop as stop_lib
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.checkpoint import restore_init_variables
+from moejax.train.resume import start_state
+from moejax.train.resume import write_config  # pylint: disable=unused-import
+from moejax.train.run_spec import RunSpec
 
 # Train-step metrics copied into train records as 'train/<name>'.
 TRAIN_KEYS = ('loss', 'lm_loss', 'aux_loss', 'z_loss', 'drop_fraction',
@@ -187,56 +193,6 @@ def train_record(step: int, metrics: Mapping[str, Any],
   return record
 
 
-class _StopFlag:
-  """Set by SIGTERM or SIGINT (Ctrl-C) while installed (main thread only).
-
-  The first signal asks the loop to save and stop at the next step; after
-  a first SIGINT, SIGINT's previous handler is back, so a second Ctrl-C
-  aborts at once (KeyboardInterrupt, no save).
-  """
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.stop = False
-    self.signal_name = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.stop = True
-    self.signal_name = signal.Signals(signum).name
-    if signum == signal.SIGINT:
-      print('SIGINT: saving a checkpoint at the next step (Ctrl-C again '
-            'aborts without saving)', flush=True)
-      signal.signal(signal.SIGINT, signal.default_int_handler)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-  def stopping(self, step: int) -> bool:
-    """Whether to save and stop at `step` (call once per step)."""
-    return self.stop
-
-
-class _SyncedStop(_StopFlag):
-  """Several processes: JAX's preemption sync point, where every process
-  stops at the same step after any of them got SIGTERM (the JAX
-  distributed runtime handles the signal; no Python handler)."""
-
-  def __enter__(self):
-    return self
-
-  def stopping(self, step: int) -> bool:
-    return multihost_utils.reached_preemption_sync_point(step)
-
-
 def _is_every(step: int, every: int, last: int) -> bool:
   return step == last or (every > 0 and step % every == 0)
 
@@ -277,110 +233,37 @@ class _FiniteGuard:
           f'recorded or saved. {kept}', step)
 
 
-def _start_state(model, optimizer, input_shape, seed, checkpointer,
-                 metrics_path, mesh, init_from=None):
-  """Restores the newest intact checkpoint (truncating metrics) or, when
-  there is no checkpoint at all, starts at step 0: from `init_from`'s
-  params and model state if given, else from `seed`; returns (state, its
-  shardings)."""
-  abstract = state_lib.abstract_train_state(model, optimizer, input_shape,
-                                            mesh)
-  shardings = sharding.tree_shardings(abstract, mesh)
-  print(f'train state: {state_lib.tree_bytes(abstract) / 2**20:.2f} MiB '
-        f'(params + optimizer + model state); mesh {dict(mesh.shape)}, '
-        f'{jax.process_count()} process(es)', flush=True)
-  target = sharding.abstract_with_shardings(abstract, mesh)
-  state = checkpointer.restore_latest_good(target)
-  primary = jax.process_index() == 0
-  if state is not None:
-    kept = (f' ({metrics_lib.truncate_metrics(metrics_path, int(state.step))}'
-            ' metric records kept)' if primary else '')
-    ignored = (f'; init from {init_from} ignored (the run has its own '
-               'checkpoints)' if init_from else '')
-    print(f'resumed from step {int(state.step)}{kept}{ignored}', flush=True)
-    return state, shardings
-  stale = len(metrics_lib.read_metrics(metrics_path))
-  if primary:
-    metrics_lib.truncate_metrics(metrics_path, 0)
-  print(f'no checkpoint in {checkpointer.directory}: starting at step 0'
-        + (f' (dropped {stale} stale metric records)' if stale else ''),
-        flush=True)
-  if init_from:
-    step, variables = restore_init_variables(
-        init_from, {'params': target.params,
-                    'model_state': target.model_state})
-    print(f'init: params and model state of {init_from} (its checkpoint '
-          f'{step}), a fresh optimizer state', flush=True)
-    return state_lib.state_from_variables(
-        variables['params'], variables['model_state'], optimizer,
-        shardings, mesh), shardings
-  return state_lib.create_train_state(
-      model, optimizer, input_shape, seed, mesh=mesh,
-      initializer=state_lib.train_state_initializer(
-          model, optimizer, input_shape, shardings)), shardings
-
-
-def write_config(workdir: str, config: Optional[Mapping[str, Any]]) -> None:
-  """Writes config.json atomically (a kill leaves the old or the new one)."""
-  if config is not None:
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      json.dump(dict(config), f, indent=2, sort_keys=True)
-      f.write('\n')
-    os.replace(path + '.tmp', path)
-
-
 def train_and_evaluate(
-    model: nn.Module, *, workdir: str, train_loader: Any,
-    eval_data: Sequence[Mapping[str, np.ndarray]], steps: int, seed: int,
+    model: nn.Module, spec: RunSpec, *, train_loader: Any,
+    eval_data: Sequence[Mapping[str, np.ndarray]],
     optimizer: optax.GradientTransformation,
     learning_rate_fn: Optional[optax.Schedule] = None,
-    aux_loss_weight: float = 0.0, z_loss_weight: float = 0.0,
-    pad_id: Optional[int] = None, log_every: int = 50, eval_every: int = 200,
-    checkpoint_every: int = 500, keep_checkpoints: int = 2,
-    config: Optional[Mapping[str, Any]] = None,
-    progress_bar: Optional[bool] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-    num_domains: int = 0, init_from: Optional[str] = None) -> RunResult:
-  """Trains `model` to `steps`, resuming from `<workdir>/checkpoints`.
+    mesh: Optional[jax.sharding.Mesh] = None) -> RunResult:
+  """Trains `model` to `spec.steps`, resuming from `<workdir>/checkpoints`.
 
-  Writes `<workdir>/config.json` (if `config`), `metrics.jsonl`,
+  Writes `<workdir>/config.json` (if `spec.config`), `metrics.jsonl`,
   `tensorboard/`, `checkpoints/<step>` and, at the end, `plots/loss.png` and
-  `plots/expert_load.png`. SIGTERM saves a checkpoint at the current step
-  and returns early (`preempted=True`).
+  `plots/expert_load.png`. SIGTERM or Ctrl-C (SIGINT) saves a checkpoint at
+  the current step and returns early (`preempted=True`; a second Ctrl-C
+  raises KeyboardInterrupt at once, see `moejax.train.stop`). This function
+  does not lock the work dir: `experiments.train` takes
+  `moejax.train.lock.WorkdirLock` around it.
 
   Args:
     model: TransformerLM-like module: apply(vars, tokens [B, L],
       padding_mask=, deterministic=, rngs=) -> (logits [B, L, V], aux).
-    workdir: run directory (created).
+    spec: the run's settings (work dir, steps, seed, loss weights, cadence;
+      see `RunSpec`).
     train_loader: object with `.batch(t)` -> {'tokens': [b, L + 1] int32},
       `.seq_len` (L) and `.batch_size` (B, global); b = B, or with several
       processes this process's `sharding.process_batch_rows` (a
       data.BatchLoader's `process_index` / `process_count` must match).
     eval_data: fixed eval batches like the train ones plus 'optimal_nll'
       (this process's rows too).
-    steps: total number of updates.
-    seed: run seed (param init and step RNGs).
     optimizer: optax transformation (see `optim.make_optimizer`).
     learning_rate_fn: schedule, only to log 'train/learning_rate'.
-    aux_loss_weight: load-balancing loss weight.
-    z_loss_weight: router z-loss weight.
-    pad_id: padding token id or None.
-    log_every: steps between train records (the last step is always one).
-    eval_every: steps between evals (the last step always evaluates).
-    checkpoint_every: steps between checkpoints (and the last step).
-    keep_checkpoints: checkpoints kept on disk.
-    config: resolved config written to config.json (JSON-serialisable).
-    progress_bar: tqdm bar; default whether stderr is a tty.
     mesh: the device mesh (`sharding.make_mesh`); default the first device.
       With several processes it must span all their devices.
-    num_domains: N > 0: the eval batches' 'domain' ids are in [0, N) and
-      each eval records the specialisation score of every token-choice MoE
-      layer ('eval/specialisation...', see `specialisation_record`).
-    init_from: a work dir whose newest intact checkpoint's params and model
-      state start the run at step 0 (not its optimizer state; see
-      `checkpoint.restore_init_variables`), used only when `workdir` has no
-      checkpoint (a resume ignores it).
 
   Returns:
     RunResult.
@@ -389,60 +272,90 @@ def train_and_evaluate(
     NonFiniteError: a step's loss, gradients, params or model state were
       not finite (nothing after the previous step is written).
     CheckpointError: a checkpoint save failed, or checkpoints exist but
-      none can be restored.
-    InitSourceError: `init_from` has no checkpoint that fits the model.
+      none can be restored (CheckpointMismatchError: they hold another
+      model's params).
+    InitSourceError: `spec.init_from` has no checkpoint that fits the model.
   """
-  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(spec.workdir, exist_ok=True)
   if flops.supports(model):
     print(f'model: {flops.summary(model, train_loader.seq_len)}', flush=True)
   mesh = mesh if mesh is not None else sharding.make_mesh(
       devices=jax.devices()[:1])
-  place = placement.Placement(mesh, train_loader)
   primary = jax.process_index() == 0
-  checkpointer = Checkpointer(workdir, keep_checkpoints)
+  checkpointer = Checkpointer(spec.workdir, spec.keep_checkpoints,
+                              config=spec.config)
   input_shape = (train_loader.batch_size, train_loader.seq_len)
-  metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
-  stop_flag = _SyncedStop() if jax.process_count() > 1 else _StopFlag()
+  stop_flag = (stop_lib.SyncedStop() if jax.process_count() > 1 else
+               stop_lib.StopFlag())
   with stop_flag as stop:  # from here on SIGTERM / SIGINT: save and return
-    state, shardings = _start_state(model, optimizer, input_shape, seed,
-                                    checkpointer, metrics_path, mesh,
-                                    init_from)
+    try:
+      state, shardings = start_state(model, optimizer, input_shape, spec,
+                                     checkpointer, mesh)
+    except BaseException:
+      checkpointer.close()
+      raise
     # Only now: a run refused at restore keeps the config its checkpoints
     # were made with.
     if primary:
-      write_config(workdir, config)
-    on_mesh = dict(mesh=mesh, state_shardings=shardings)
-    loop = _Loop(
-        train_step=step_lib.make_train_step(
-            model, optimizer, seed=seed, aux_loss_weight=aux_loss_weight,
-            z_loss_weight=z_loss_weight, pad_id=pad_id,
-            learning_rate_fn=learning_rate_fn, **on_mesh),
-        eval_step=step_lib.make_eval_step(
-            model, aux_loss_weight=aux_loss_weight,
-            z_loss_weight=z_loss_weight, pad_id=pad_id,
-            num_domains=num_domains, **on_mesh),
-        eval_data=place.eval_batches(eval_data), checkpointer=checkpointer,
-        guard=_FiniteGuard(checkpointer),
-        writer=(metrics_lib.MetricsWriter(workdir, start_step=int(state.step))
-                if primary else None),
-        steps=steps, every=(log_every, eval_every, checkpoint_every),
-        tokens_per_step=input_shape[0] * input_shape[1], place=place)
-    progress = metrics_lib.Progress(steps, int(state.step),
-                                    progress_bar if primary else False)
+      write_config(spec.workdir, spec.config)
+    loop = _make_loop(model, spec, optimizer, learning_rate_fn, mesh,
+                      shardings, checkpointer, eval_data, train_loader,
+                      int(state.step))
+    progress = metrics_lib.Progress(spec.steps, int(state.step),
+                                    spec.progress_bar if primary else False)
     try:
       result = loop.run(state, train_loader, progress, stop)
-    finally:
-      progress.close()
-      if loop.writer is not None:
-        loop.writer.close()
-      checkpointer.close()
+    except BaseException:
+      _close_all(progress, loop.writer, checkpointer, quiet=True)
+      raise
+    _close_all(progress, loop.writer, checkpointer)
   if primary:
-    plots.plot_run(workdir, metrics_lib.read_metrics(metrics_path))
+    plots.plot_run(spec.workdir, metrics_lib.read_metrics(
+        os.path.join(spec.workdir, metrics_lib.METRICS_FILE)))
   if result.preempted:
-    result.stop_signal = getattr(stop_flag, 'signal_name', None) or 'SIGTERM'
+    result.stop_signal = stop.stop_signal or 'SIGTERM'
     print(f'{result.stop_signal}: saved a checkpoint at step {result.step}',
           flush=True)
   return result
+
+
+def _close_all(*closables, quiet: bool = False) -> None:
+  """Closes each (None: skipped). With `quiet` (a run that already failed)
+  errors are dropped, so they cannot hide the first one; else the first
+  error is raised once all are closed."""
+  errors = []
+  for closable in closables:
+    try:
+      if closable is not None:
+        closable.close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  if errors and not quiet:
+    raise errors[0]
+
+
+def _make_loop(model, spec: RunSpec, optimizer, learning_rate_fn, mesh,
+               shardings, checkpointer, eval_data, train_loader,
+               start: int) -> '_Loop':
+  """The _Loop of a run: compiled steps on the mesh, eval batches placed,
+  a metrics writer on process 0 (TensorBoard purged after `start`)."""
+  on_mesh = dict(mesh=mesh, state_shardings=shardings)
+  losses = dict(aux_loss_weight=spec.aux_loss_weight,
+                z_loss_weight=spec.z_loss_weight, pad_id=spec.pad_id)
+  place = placement.Placement(mesh, train_loader)
+  return _Loop(
+      train_step=step_lib.make_train_step(
+          model, optimizer, seed=spec.seed,
+          learning_rate_fn=learning_rate_fn, **losses, **on_mesh),
+      eval_step=step_lib.make_eval_step(
+          model, num_domains=spec.num_domains, **losses, **on_mesh),
+      eval_data=place.eval_batches(eval_data), checkpointer=checkpointer,
+      guard=_FiniteGuard(checkpointer),
+      writer=(metrics_lib.MetricsWriter(spec.workdir, start_step=start)
+              if jax.process_index() == 0 else None),
+      steps=spec.steps, every=spec.every,
+      tokens_per_step=train_loader.batch_size * train_loader.seq_len,
+      place=place)
 
 
 @dataclasses.dataclass
@@ -505,6 +418,8 @@ class _Loop:
         self._write(last_eval, progress)
         tick += time.time() - eval_start  # keep eval out of tokens_per_sec
       if do_save:
+        if self.writer is not None:
+          self.writer.flush()  # every event <= s on disk before checkpoint s
         self.checkpointer.save(state)
       if stopping and s < self.steps:
         return RunResult(state, s, True, last_eval)

@@ -2,12 +2,14 @@
 
 `metrics.jsonl` holds one JSON object per line: train lines (`step`,
 `train/...`, `moe/<block>/<metric>`, lists for `expert_load`) and eval lines
-(`step`, `eval/...`). TensorBoard events are written with tensorboardX (no
-TensorFlow); if it is not installed, events are skipped with a warning.
+(`step`, `eval/...`). TensorBoard events are written with tensorboardX's
+protos and record format (no TensorFlow), synchronously (see `_EventFile`);
+if tensorboardX is not installed, events are skipped with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,27 +83,86 @@ def truncate_metrics(path: str, max_step: int) -> int:
   return len(kept)
 
 
-def _tensorboard_writer(logdir: str, purge_step: Optional[int] = None):
-  """A tensorboardX SummaryWriter, or None if tensorboardX is missing.
+class _EventFile:
+  """A TensorBoard event file written synchronously.
 
-  With `purge_step`, TensorBoard hides the events of earlier files in
-  `logdir` whose step is >= purge_step (a resumed run's stale tail)."""
+  tensorboardX's SummaryWriter hands events to a writer thread and flushes
+  every `flush_secs`: a SIGKILL loses what it still holds, e.g. the records
+  of the checkpoint step that the resumed run does not write again (they
+  precede the restored step). Here each event is written in the caller's
+  thread (tensorboardX's protos and record format), so `flush` puts every
+  event written so far on disk; the loop flushes before each checkpoint.
+
+  Args (constructor):
+    logdir: the TensorBoard directory (created).
+    purge_step: if given, a SessionLog START at this step: TensorBoard then
+      hides the events of earlier files in `logdir` whose step is >= it (a
+      resumed run's stale tail).
+  """
+  FLUSH_SECS = 10.0  # also flush this often, for a live TensorBoard
+
+  def __init__(self, logdir: str, purge_step: Optional[int] = None):
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import event_file_writer
+    from tensorboardX import summary
+    from tensorboardX.proto import event_pb2
+    self._pb, self._scalar = event_pb2, summary.scalar
+    os.makedirs(logdir, exist_ok=True)
+    # Files are events.out.tfevents.<seconds>.<host><suffix>, read in name
+    # order: the nanosecond suffix keeps two writers started in one second
+    # (a quick resume) from sharing, and so truncating, a file.
+    self._writer = event_file_writer.EventsWriter(
+        os.path.join(logdir, 'events'), f'.{time.time_ns():020d}')
+    self.path = getattr(self._writer, '_file_name', logdir)
+    if purge_step is not None:
+      self._writer.write_event(event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=event_pb2.SessionLog(
+              status=event_pb2.SessionLog.START)))
+    self._flushed = time.time()
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self._writer.write_event(self._pb.Event(
+        wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
+
+  def flush(self, force: bool = True) -> None:
+    """Writes the events to disk (if `force` or FLUSH_SECS have passed)."""
+    if force or time.time() - self._flushed > self.FLUSH_SECS:
+      self._writer.flush()
+      self._flushed = time.time()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _tensorboard_writer(logdir: str, purge_step: Optional[int] = None
+                        ) -> Optional[_EventFile]:
+  """An _EventFile, or None (with a warning) if tensorboardX is missing."""
   try:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return _EventFile(logdir, purge_step)
   except ImportError:
     print('warning: tensorboardX is not installed; no TensorBoard events '
           '(pip install tensorboardX)', file=sys.stderr)
     return None
-  # Event files are named events.out.tfevents.<seconds>.<host><suffix> and
-  # read in name order: the nanosecond suffix keeps two writers started in
-  # one second (a quick resume) from sharing, and so truncating, a file.
-  return tensorboardX.SummaryWriter(
-      logdir=logdir, flush_secs=10, purge_step=purge_step,
-      filename_suffix=f'.{time.time_ns():020d}')
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+  """Re-raises an OSError without a file name (a failed write to an open
+  file, e.g. a full disk) with `path`."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename or not e.errno:
+      raise
+    raise OSError(e.errno, e.strerror, path) from e
 
 
 class MetricsWriter:
   """Appends records to `<workdir>/metrics.jsonl` and TensorBoard events.
+
+  Every record is on disk in metrics.jsonl when `write` returns; the
+  TensorBoard events when `flush` (or `close`) returns.
 
   Args (constructor):
     workdir: run directory.
@@ -110,7 +171,8 @@ class MetricsWriter:
       holds no record after it (the loop drops them at resume); the
       TensorBoard events of steps > start_step written before an
       interruption are marked stale (a purge at start_step + 1), so
-      TensorBoard shows each step once.
+      TensorBoard shows each step once. The events of steps <= start_step
+      are on disk: the loop flushed them before saving that checkpoint.
   """
 
   def __init__(self, workdir: str, tensorboard: bool = True,
@@ -127,25 +189,79 @@ class MetricsWriter:
     Args:
       record: {'step': int, name: float | list[float]}.
     """
-    self._file.write(json.dumps(dict(record)) + '\n')
-    self._file.flush()
+    with _naming(self.path):
+      self._file.write(json.dumps(dict(record)) + '\n')
+      self._file.flush()
     if self._tb is None:
       return
     step = int(record['step'])
-    for key, value in record.items():
-      if key == 'step':
-        continue
-      if isinstance(value, list):
-        for i, v in enumerate(value):
-          self._tb.add_scalar(f'{key}/{i}', v, step)
-      elif math.isfinite(value):
-        self._tb.add_scalar(key, value, step)
+    with _naming(self._tb.path):
+      for key, value in record.items():
+        if key == 'step':
+          continue
+        if isinstance(value, list):
+          for i, v in enumerate(value):
+            self._tb.add_scalar(f'{key}/{i}', v, step)
+        elif math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush(force=False)
+
+  def flush(self) -> None:
+    """Puts every TensorBoard event written so far on disk."""
+    if self._tb is not None:
+      with _naming(self._tb.path):
+        self._tb.flush()
 
   def close(self) -> None:
-    """Flushes and closes the files."""
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    """Flushes and closes the files (both, even if the first fails)."""
+    try:
+      with _naming(self.path):
+        self._file.close()
+    finally:
+      if self._tb is not None:
+        with _naming(self._tb.path):
+          self._tb.close()
+
+
+def missing_steps(records: Iterable[Mapping[str, Any]], last: int,
+                  every: tuple[int, int], steps: int
+                  ) -> dict[str, list[int]]:
+  """Record steps <= `last` that the log / eval cadence implies but
+  `records` lack (e.g. a truncated or hand-edited metrics.jsonl).
+
+  Args:
+    records: metrics.jsonl records.
+    last: the restored checkpoint's step.
+    every: (log_every, eval_every); the run's last step always has both.
+    steps: the run's last step.
+
+  Returns:
+    {'train': [steps], 'eval': [steps]} (empty lists if none is missing).
+  """
+  have = {'train': set(), 'eval': set()}
+  for r in records:
+    for kind in have:
+      if f'{kind}/loss' in r:
+        have[kind].add(int(r['step']))
+  out = {}
+  for kind, each in zip(('train', 'eval'), every):
+    want = [s for s in range(1, last + 1)
+            if s == steps or (each > 0 and s % each == 0)]
+    out[kind] = [s for s in want if s not in have[kind]]
+  return out
+
+
+def format_steps(steps: list[int], limit: int = 8) -> str:
+  """Ascending steps as ranges: '5-7, 25, 30-40' (the first `limit`
+  ranges, then ', ...')."""
+  runs = []
+  for s in steps:
+    if runs and s == runs[-1][1] + 1:
+      runs[-1][1] = s
+    else:
+      runs.append([s, s])
+  text = ', '.join(f'{a}' if a == b else f'{a}-{b}' for a, b in runs[:limit])
+  return text + (', ...' if len(runs) > limit else '')
 
 
 def _fmt_eta(seconds: float) -> str:

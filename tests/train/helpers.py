@@ -4,13 +4,21 @@ Every run uses `small_args(...)`: the config's tiny variant shrunk to
 L=16, D=32, 2 layers, B=4, V=64 so a run compiles and trains in seconds.
 """
 
+import contextlib
+import errno
+import glob
 import os
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -74,11 +82,26 @@ def start_cli(argv: list[str], log_path: str,
               module: str = 'experiments.train',
               module_args: tuple[str, ...] = ()) -> subprocess.Popen:
   """Starts `python -m <module> <module_args> argv` (stdout+stderr to a
-  file); the default module is the trainer's CLI."""
-  with open(log_path, 'w') as log:  # the child keeps its own descriptor
-    return subprocess.Popen(
-        [sys.executable, '-m', module, *module_args] + argv, cwd=REPO,
-        stdout=log, stderr=subprocess.STDOUT, env=cache_env())
+  file); the default module is the trainer's CLI.
+
+  The child gets Ctrl-C like a command in a terminal: a background job of a
+  non-interactive shell (pytest started with `&`, some CI runners) has
+  SIGINT ignored, which a child inherits (and the trainer keeps ignored),
+  while a caught signal is reset to its default at exec. So SIGINT is
+  caught here while the child starts (no preexec_fn: it would fork a
+  process that runs JAX's threads).
+  """
+  main = threading.current_thread() is threading.main_thread()
+  old = (signal.signal(signal.SIGINT, signal.default_int_handler) if main
+         else None)
+  try:
+    with open(log_path, 'w') as log:  # the child keeps its own descriptor
+      return subprocess.Popen(
+          [sys.executable, '-m', module, *module_args] + argv, cwd=REPO,
+          stdout=log, stderr=subprocess.STDOUT, env=cache_env())
+  finally:
+    if main:
+      signal.signal(signal.SIGINT, old)
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
@@ -157,3 +180,79 @@ def assert_same_run(got, want, steps: int = STEPS) -> None:
                         ref_state.model_state))
   assert [r['step'] for r in records] == [r['step'] for r in ref_records]
   assert strip_wall_clock(records) == strip_wall_clock(ref_records)
+
+
+def _event_records(path: str) -> list[bytes]:
+  """The records of a TFRecord file (length, crc, data, crc), ignoring a
+  last record cut short (a writer killed mid-write)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  pos, out = 0, []
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack('<Q', data[pos:pos + 8])
+    if pos + 12 + length + 4 > len(data):
+      break
+    out.append(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4
+  return out
+
+
+def tensorboard_scalars(logdir: str) -> dict[str, dict[int, list[float]]]:
+  """{tag: {step: [values]}} as TensorBoard shows them: event files in
+  name order, and a SessionLog START at step p hides the events read
+  before it whose step is >= p (TensorBoard's purge of a restarted run)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  shown = {}
+  for path in sorted(glob.glob(os.path.join(logdir,
+                                            'events.out.tfevents.*'))):
+    for record in _event_records(path):
+      event = event_pb2.Event.FromString(record)
+      if event.HasField('session_log') and (
+          event.session_log.status == event_pb2.SessionLog.START):
+        shown = {tag: {s: v for s, v in steps.items() if s < event.step}
+                 for tag, steps in shown.items()}
+      for value in event.summary.value:
+        shown.setdefault(value.tag, {}).setdefault(event.step, []).append(
+            value.simple_value)
+  return shown
+
+
+def writable(path) -> bool:
+  """Whether a file can be created in directory `path`."""
+  probe = os.path.join(path, '.probe')
+  try:
+    with open(probe, 'w'):
+      pass
+  except OSError:
+    return False
+  os.remove(probe)
+  return True
+
+
+@contextlib.contextmanager
+def read_only(path, monkeypatch):
+  """Makes directory `path` unwritable for the duration.
+
+  chmod 555 suffices for a normal user. root ignores permissions, so then
+  the directory is made immutable (chattr +i, ext4 and most Linux file
+  systems). Where neither works, orbax's save raises ENOSPC instead (a full
+  disk), which exercises the same error path. Yields the method used.
+  """
+  os.chmod(path, 0o555)
+  immutable = False
+  try:
+    if writable(path) and shutil.which('chattr'):
+      immutable = subprocess.run(['chattr', '+i', path], check=False,
+                                 capture_output=True).returncode == 0
+    if not writable(path):
+      yield 'chattr +i' if immutable else 'chmod 555'
+    else:
+      def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
+      monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk)
+      yield 'simulated ENOSPC'
+      monkeypatch.undo()
+  finally:
+    if immutable:
+      subprocess.run(['chattr', '-i', path], check=True)
+    os.chmod(path, 0o755)

@@ -20,6 +20,7 @@ from moejax.train import make_eval_step
 from moejax.train import make_train_step
 from moejax.train import read_metrics
 from moejax.train import train_and_evaluate
+from moejax.train.run_spec import RunSpec
 from moejax.train.metrics import strip_wall_clock
 from tests.train import helpers
 
@@ -107,11 +108,11 @@ EVAL = [{'tokens': np.arange(10, dtype=np.int32).reshape(2, 5) % V,
 
 
 def _run(workdir, loader):
-  return train_and_evaluate(
-      _BiasedBigramLM(), workdir=str(workdir), train_loader=loader,
-      eval_data=EVAL, steps=6, seed=0, optimizer=_optimizer(), log_every=1,
-      eval_every=3, checkpoint_every=2, keep_checkpoints=2,
-      progress_bar=False)
+  spec = RunSpec(workdir=str(workdir), steps=6, seed=0, log_every=1,
+                 eval_every=3, checkpoint_every=2, keep_checkpoints=2,
+                 progress_bar=False)
+  return train_and_evaluate(_BiasedBigramLM(), spec, train_loader=loader,
+                            eval_data=EVAL, optimizer=_optimizer())
 
 
 def test_state_is_checkpointed_and_resume_is_exact(tmp_path):

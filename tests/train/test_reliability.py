@@ -6,18 +6,13 @@ through the session's compilation cache); each scenario ends, where it can,
 by finishing the run and comparing it bitwise with the uninterrupted one.
 """
 
-import contextlib
-import errno
 import glob
 import json
 import os
-import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from experiments import config_lib
@@ -52,46 +47,6 @@ class _PoisonAt:
     return batch
 
 
-def _writable(path) -> bool:
-  probe = os.path.join(path, '.probe')
-  try:
-    with open(probe, 'w'):
-      pass
-  except OSError:
-    return False
-  os.remove(probe)
-  return True
-
-
-@contextlib.contextmanager
-def _read_only(path, monkeypatch):
-  """Makes directory `path` unwritable for the duration.
-
-  chmod 555 suffices for a normal user. root ignores permissions, so then
-  the directory is made immutable (chattr +i, ext4 and most Linux file
-  systems). Where neither works, orbax's save raises ENOSPC instead (a full
-  disk), which exercises the same error path. Yields the method used.
-  """
-  os.chmod(path, 0o555)
-  immutable = False
-  try:
-    if _writable(path) and shutil.which('chattr'):
-      immutable = subprocess.run(['chattr', '+i', path], check=False,
-                                 capture_output=True).returncode == 0
-    if not _writable(path):
-      yield 'chattr +i' if immutable else 'chmod 555'
-    else:
-      def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
-      monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk)
-      yield 'simulated ENOSPC'
-      monkeypatch.undo()
-  finally:
-    if immutable:
-      subprocess.run(['chattr', '-i', path], check=True)
-    os.chmod(path, 0o755)
-
-
 def test_nan_stops_then_failed_save_then_resume_is_exact(
     reference, data_dir, tmp_path, monkeypatch, capsys):
   workdir = str(tmp_path / 'run')
@@ -119,7 +74,7 @@ def test_nan_stops_then_failed_save_then_resume_is_exact(
   # 2. The checkpoint directory cannot be written: the save of step 20
   #    fails, the run stops with exit code 1, checkpoint 10 stays.
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  with _read_only(ckpt_dir, monkeypatch) as how:
+  with helpers.read_only(ckpt_dir, monkeypatch) as how:
     assert train.main(argv) == 1, how
   captured = capsys.readouterr()
   assert 'resumed from step 10' in captured.out

@@ -2,49 +2,29 @@
 
 A resumed run restarts from its last checkpoint at step s, but an interrupted
 run may have written events for steps after s. MetricsWriter marks them stale
-(tensorboardX purge_step = s + 1: a SessionLog START event at that step);
-TensorBoard then drops the earlier events whose step is >= that step. The
-test reads the event files itself and applies that rule.
+(purge at s + 1: a SessionLog START event at that step); TensorBoard then
+drops the earlier events whose step is >= that step. The test reads the
+event files itself and applies that rule (helpers.tensorboard_scalars).
+The same after a real SIGKILL of the CLI: test_workdir_safety.
 """
 
 import glob
 import os
-import struct
 
 import pytest
 
 from moejax.train import metrics as metrics_lib
+from tests.train import helpers
 
-event_pb2 = pytest.importorskip('tensorboardX.proto.event_pb2')
-
-
-def _events(path):
-  """The Event protos of one TFRecord file (length, crc, data, crc)."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  pos, out = 0, []
-  while pos < len(data):
-    (length,) = struct.unpack('<Q', data[pos:pos + 8])
-    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
-    pos += 12 + length + 4
-  return out
+pytest.importorskip('tensorboardX')
 
 
 def _visible_scalars(logdir, tag):
-  """{step: value} as TensorBoard shows it: files in name order, and a
-  SessionLog START at step p purges the earlier events with step >= p."""
-  shown = {}
-  files = sorted(glob.glob(os.path.join(logdir, 'events.out.tfevents.*')))
+  """{step: [values]} of `tag` as TensorBoard shows it (see
+  helpers.tensorboard_scalars)."""
+  files = glob.glob(os.path.join(logdir, 'events.out.tfevents.*'))
   assert len(files) == 2  # one per writer: none overwrote the other
-  for path in files:
-    for event in _events(path):
-      if event.HasField('session_log') and (
-          event.session_log.status == event_pb2.SessionLog.START):
-        shown = {s: v for s, v in shown.items() if s < event.step}
-      for value in event.summary.value:
-        if value.tag == tag:
-          shown.setdefault(event.step, []).append(value.simple_value)
-  return shown
+  return helpers.tensorboard_scalars(logdir)[tag]
 
 
 def _interrupted_then_resumed(workdir, start_step):
