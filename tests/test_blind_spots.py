@@ -204,3 +204,20 @@ def test_make_optimizer_clips_the_global_norm():
   unclipped = run(optax.adamw(lr, **kw))
   np.testing.assert_allclose(project, clipped, rtol=1e-6)
   assert np.abs(project - unclipped).max() > 1e-3
+
+
+def test_jitter_only_in_training():
+  # Found by tools/mutation_check.py (jitter-in-eval survived): in eval the
+  # router must see the clean x, so jitter_eps changes nothing there.
+  x = _x()
+  kw = dict(num_experts=4, d_ff=8, top_k=2, capacity_factor=0.5,
+            eval_capacity_factor=0.5, min_capacity=1)
+  clean = moejax.MoeLayer(**kw)
+  variables = clean.init(jax.random.key(0), x)
+  want, _ = clean.apply(variables, x)
+  got, _ = moejax.MoeLayer(**kw, jitter_eps=0.5).apply(
+      variables, x, rngs={'router': jax.random.key(1)})
+  np.testing.assert_array_equal(got, want)
+  train, _ = moejax.MoeLayer(**kw, jitter_eps=0.5).apply(
+      variables, x, deterministic=False, rngs={'router': jax.random.key(1)})
+  assert np.abs(np.asarray(train) - np.asarray(want)).max() > 1e-4
