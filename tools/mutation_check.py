@@ -4,12 +4,15 @@
 
 Each mutation below replaces one exact line fragment of the library (the
 fragment must occur exactly once in its file) in a temporary copy of the
-repository's committed tree (HEAD), runs the named test files there (`pytest -x`, stopping at the
-first failure) and records which test caught it. A mutation that no test
-catches "survives"; the script prints a table (mutation | caught by |
-time) and exits 1 if any survives, 2 if a fragment is not found (the code
-moved: update the list). Not part of the default test run (it takes tens
-of minutes on 2 cores).
+repository's committed tree (HEAD), runs the named test files (or test
+ids) there (`pytest -x`, stopping at the first failure; with the
+mutation's extra environment, e.g. the 8 fake devices of the
+expert-parallel checks) and records which test caught it. A mutation
+that no test catches "survives"; the script prints a table (mutation |
+caught by | time) and exits 1 if any survives, 2 if a fragment is not
+found (the code moved) or pytest cannot run a named test (exit 4 or 5:
+not found, nothing collected): update the list. Not part of the default
+test run (it takes tens of minutes on 2 cores).
 
 The copy is imported instead of the checkout: pytest runs with the copy as
 its working directory and PYTHONPATH, and the script checks that `moejax`
@@ -35,16 +38,28 @@ LAYER_TESTS = ('tests/test_layer.py', 'tests/test_layer_semantics.py',
                'tests/test_blind_spots.py', 'tests/test_routers.py')
 MODEL_TESTS = ('tests/models/test_attention.py', 'tests/interop/test_hf.py',
                'tests/models/test_transformer.py')
+# The expert-parallel checks need 8 devices before JAX starts: run
+# multidevice_checks.py directly with the environment that
+# tests/sharding/test_sharding.py::test_multidevice_checks gives its
+# subprocess (without it every check is skipped, and the mutation would
+# be reported as surviving, never as caught).
+MULTIDEVICE_TESTS = ('tests/sharding/multidevice_checks.py',)
+MULTIDEVICE_ENV = (('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                    '--xla_backend_optimization_level=0'),
+                   ('PJRT_NPROC', '16'))
 
 
 @dataclasses.dataclass(frozen=True)
 class Mutation:
-  """Replace `old` by `new` in `path`; `tests` should catch it."""
+  """Replace `old` by `new` in `path`; `tests` (pytest arguments: files
+  or test ids) should catch it; `env`: extra (name, value) environment
+  variables for that pytest run."""
   id: str
   path: str
   old: str
   new: str
   tests: tuple
+  env: tuple = ()
 
 
 M = Mutation
@@ -173,6 +188,57 @@ MUTATIONS = (
       '  if layer.top_k > layer.num_experts:',
       '  if layer.top_k > layer.num_experts + 1:',
       ('tests/test_layer_semantics.py', 'tests/models/test_transformer.py')),
+    # sharding and expert parallelism
+    M('expert-dim-on-data-axis', 'moejax/sharding.py',
+      "    ('expert', 'expert'),", "    ('expert', 'data'),",
+      ('tests/sharding/test_sharding.py::'
+       'test_partition_specs_of_a_train_state',)),
+    M('expert-wo-layout-copied-from-wi', 'moejax/sharding.py',
+      "    (('wo',), 3, ('expert', 'expert_mlp', 'embed')),  # [E, F, D]",
+      "    (('wo',), 3, _EXPERT_IN),  # [E, F, D]",
+      ('tests/sharding/test_sharding.py::'
+       'test_partition_specs_of_a_train_state',)),
+    M('expert-parallel-no-psum-over-model', 'moejax/expert_parallel.py',
+      "    return jax.lax.psum(y, 'model').astype(dtype)  # [E', N, D]",
+      "    return y.astype(dtype)  # [E', N, D]",
+      MULTIDEVICE_TESTS, MULTIDEVICE_ENV),
+    M('expert-replica-wrong-expert', 'moejax/expert_parallel.py',
+      "      first = jax.lax.axis_index('expert') // reps",
+      "      first = jax.lax.axis_index('expert') % reps",
+      MULTIDEVICE_TESTS, MULTIDEVICE_ENV),
+    # checkpoints and resume
+    M('crc-compared-only-when-missing', 'moejax/train/checkpoint.py',
+      '    if None not in (want, got) and want != got:',
+      '    if None in (want, got) and want != got:',
+      ('tests/train/test_units.py',)),
+    M('restore-oldest-checkpoint-first', 'moejax/train/checkpoint.py',
+      '    for step in reversed(self.all_steps()):',
+      '    for step in self.all_steps():', ('tests/train/test_units.py',)),
+    M('init-source-crc-key-never-found', 'moejax/train/init_source.py',
+      "      want = saved_crc.get(f'.{item}{path}')",
+      "      want = saved_crc.get(f'{item}{path}')",
+      ('tests/test_convert.py::'
+       'test_init_source_skips_a_corrupt_checkpoint_and_leaves_it',)),
+    M('resume-data-from-batch-0', 'moejax/train/loop.py',
+      '    batches = train_loader.iterate(start) if hasattr(',
+      '    batches = train_loader.iterate(0) if hasattr(',
+      ('tests/train/test_resume.py',)),
+    M('resume-keeps-records-past-checkpoint', 'moejax/train/resume.py',
+      '  kept = metrics_lib.truncate_metrics(path, step)',
+      '  kept = metrics_lib.truncate_metrics(path, step + 1)',
+      ('tests/train/test_reliability.py',)),
+    # config validation
+    M('pad-id-equal-to-vocab-accepted', 'experiments/config_lib.py',
+      '0 <= d.pad_id < vocab_size(config)',
+      '0 <= d.pad_id <= vocab_size(config)',
+      ('tests/train/test_bad_config.py',)),
+    M('adam-beta-one-accepted', 'experiments/config_lib.py',
+      "    _require(f'train.{name}', t[name], 0 <= t[name] < 1, '[0, 1)')",
+      "    _require(f'train.{name}', t[name], 0 <= t[name] <= 1, '[0, 1)')",
+      ('tests/train/test_bad_config.py',)),
+    M('task-classify-not-allowed', 'experiments/model_config.py',
+      "TASKS = ('lm', 'classify')", "TASKS = ('lm',)",
+      ('tests/train/test_bad_config.py',)),
 )
 
 
@@ -184,10 +250,17 @@ def copy_repo(dst: str) -> None:
   subprocess.run(['tar', '-x', '-C', dst], input=archive, check=True)
 
 
-def _env(root: str) -> dict:
+def _fail(message: str) -> None:
+  """Exits with code 2: the list (or the tests it names) needs updating."""
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _env(root: str, extra: tuple = ()) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith('PYTEST_')}
   env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
   env.setdefault('JAX_PLATFORMS', 'cpu')
+  env.update(dict(extra))
   return env
 
 
@@ -196,18 +269,24 @@ def check_imports_copy(root: str) -> None:
                         'print(moejax.__file__)'], cwd=root, env=_env(root),
                        check=True, capture_output=True, text=True).stdout
   if not os.path.realpath(out.strip()).startswith(os.path.realpath(root)):
-    sys.exit(f'error: the copy imports moejax from {out.strip()}, not from '
-             f'{root}; cannot run mutations safely.')
+    _fail(f'error: the copy imports moejax from {out.strip()}, not from '
+          f'{root}; cannot run mutations safely.')
 
 
-def run_tests(root: str, tests: tuple) -> tuple[bool, str]:
+def run_tests(root: str, tests: tuple,
+              env: tuple = ()) -> tuple[bool, str]:
   """(caught, first failing test id or '') for the named test files."""
   cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
          '-p', 'no:randomly', *tests]
   proc = subprocess.run(['timeout', '-s', 'KILL', '1200'] + cmd, cwd=root,
-                        env=_env(root), capture_output=True, text=True)
+                        env=_env(root, env), capture_output=True, text=True)
   if proc.returncode == 0:
     return False, ''
+  if proc.returncode in (4, 5):  # usage error (e.g. a test id not found),
+    # no test collected: nothing ran, so nothing was caught.
+    _fail(f'error: pytest could not run {" ".join(tests)} (exit '
+          f'{proc.returncode}: {proc.stdout.strip()[-300:]}); update '
+          'tools/mutation_check.py.')
   for line in proc.stdout.splitlines():
     if line.startswith('FAILED ') or line.startswith('ERROR '):
       return True, line.split()[1]
@@ -219,9 +298,9 @@ def apply(root: str, m: Mutation) -> str:
   path = os.path.join(root, m.path)
   text = open(path, encoding='utf-8').read()
   if text.count(m.old) != 1:
-    sys.exit(f'error: mutation {m.id}: the fragment occurs '
-             f'{text.count(m.old)} times in {m.path} (need exactly once); '
-             'update tools/mutation_check.py.')
+    _fail(f'error: mutation {m.id}: the fragment occurs '
+          f'{text.count(m.old)} times in {m.path} (need exactly once); '
+          'update tools/mutation_check.py.')
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text.replace(m.old, m.new))
   return text
@@ -247,7 +326,7 @@ def main() -> int:
       original = apply(root, m)
       start = time.perf_counter()
       try:
-        caught, by = run_tests(root, m.tests)
+        caught, by = run_tests(root, m.tests, m.env)
       finally:
         with open(os.path.join(root, m.path), 'w', encoding='utf-8') as f:
           f.write(original)
