@@ -13,7 +13,8 @@ instead of its plain einsums. Inside `jax.shard_map`, each device holds the
 buffers of its own groups, [G/(Pd*Pe), E, C, D]; an all_to_all over
 'expert' gives it the slots of its own experts from all its 'expert' peers,
 it runs them with its own weight shard (F split over 'model', a psum over
-'model' after `wo`), and the inverse all_to_all sends the results back.
+'model' after `wo`; LoRA adapters split like their kernels, see
+`expert_parallel_ffn`), and the inverse all_to_all sends the results back.
 
   Pe <= E (E % Pe == 0): device x owns experts [x*E/Pe, (x+1)*E/Pe); the
     expert weights are sharded over 'expert'.
@@ -101,18 +102,28 @@ def expert_parallel_apply(expert_fn: Callable[[jax.Array, Any], jax.Array],
                        out_specs=spec)(buffers, weights)
 
 
-def expert_parallel_ffn(buffers: jax.Array, wis: Sequence[jax.Array],
-                        wo: jax.Array, nonlinearity: Callable, dtype: Any,
-                        mesh: sharding.MeshLike) -> jax.Array:
+def _kernel_spec(w: ffn_math.Kernel, base: P, a: P, b: P):
+  """The PartitionSpec of a kernel's dims after E (a LoraKernel of them)."""
+  return ffn_math.LoraKernel(base, a, b) if isinstance(
+      w, ffn_math.LoraKernel) else base
+
+
+def expert_parallel_ffn(buffers: jax.Array, wis: Sequence[ffn_math.Kernel],
+                        wo: ffn_math.Kernel, nonlinearity: Callable,
+                        dtype: Any, mesh: sharding.MeshLike) -> jax.Array:
   """ExpertBank's FFN, expert-parallel over `mesh`.
 
   Computes act(x . wi) . wo, or act(x . wi_0) * (x . wi_1) . wo when two
   input kernels are given, in `dtype`, as ExpertBank's plain path does.
+  A LoraKernel adds its adapter: an input kernel's a [E, D, r] is
+  replicated over 'model' and its b [E, r, F] split on F like the kernel;
+  wo's a [E, F, r] is split on F and summed over 'model' like wo, its b
+  [E, r, D] replicated.
 
   Args:
     buffers: [G, E, C, D].
-    wis: [wi] or [wi_0, wi_1], each [E, D, F].
-    wo: [E, F, D].
+    wis: [wi] or [wi_0, wi_1], each [E, D, F] or a ffn_math.LoraKernel.
+    wo: [E, F, D] or a ffn_math.LoraKernel.
     nonlinearity: the activation function.
     dtype: compute dtype.
     mesh: the mesh (see expert_parallel_apply).
@@ -120,7 +131,7 @@ def expert_parallel_ffn(buffers: jax.Array, wis: Sequence[jax.Array],
   Returns:
     [G, E, C, D] in `dtype`.
   """
-  f = wo.shape[1]
+  f = (wo.base if isinstance(wo, ffn_math.LoraKernel) else wo).shape[1]
   pm = sharding.axis_sizes(mesh).get('model', 1)
   model = 'model' if pm > 1 and f % pm == 0 else None  # else F replicated
 
@@ -132,11 +143,13 @@ def expert_parallel_ffn(buffers: jax.Array, wis: Sequence[jax.Array],
     return jax.lax.psum(y, 'model').astype(dtype)  # [E', N, D]
 
   def ffn(x, w):  # x [E', N, D]
-    local_wis, local_wo = w
+    local_wis, local_wo = jax.tree.map(lambda a: a.astype(dtype), w)
     return ffn_math.gated_ffn(
-        x.astype(dtype), [wi.astype(dtype) for wi in local_wis],
-        local_wo.astype(dtype), nonlinearity,
-        lambda a, wi: jnp.einsum('END,EDF->ENF', a, wi), matmul_out)
+        x.astype(dtype), local_wis, local_wo, nonlinearity,
+        lambda a, wi: jnp.einsum('END,EDF->ENF', a, wi), matmul_out,
+        lambda t, b: jnp.einsum('ENR,ERF->ENF', t, b))  # no collective
 
-  specs = ([P(None, model)] * len(wis), P(model, None))
+  specs = ([_kernel_spec(wi, P(None, model), P(None, None), P(None, model))
+            for wi in wis],
+           _kernel_spec(wo, P(model, None), P(model, None), P(None, None)))
   return expert_parallel_apply(ffn, buffers, (list(wis), wo), specs, mesh)

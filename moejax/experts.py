@@ -7,6 +7,13 @@ Activations: 'relu' and 'gelu' (one input projection `wi`), and the gated
 'swiglu' / 'geglu' (gate projection `wi_0` through the nonlinearity, times
 the linear projection `wi_1`). No biases, so an empty (all-zero) slot maps
 to zero.
+
+LoRA (`lora_rank` r > 0, `lora_alpha`; moejax.lora): every kernel w above
+gets `<w>_lora_a` [E, in, r] (fan-in normal) and `<w>_lora_b` [E, r, out]
+(zeros; DenseFfn: [in, r], [r, out]), created after all the kernels (so the
+kernels' init does not depend on r), and each of the bank's matmuls adds
+(alpha / r) * (x . a) . b through the same matmuls (grouped, per-choice or
+expert-parallel). lora_rank=0: no adapter, the FFN exactly as without LoRA.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import ffn_math
+from moejax import lora as lora_lib
 from moejax import sharding
 
 ACTIVATIONS = ('relu', 'gelu', 'swiglu', 'geglu')
@@ -37,24 +45,51 @@ def _input_names(activation: str):
   return ('wi_0', 'wi_1') if activation in ('swiglu', 'geglu') else ('wi',)
 
 
-def _ffn(module: nn.Module, x: jax.Array, in_shape, out_shape, init,
-         spec_in, spec_out) -> jax.Array:
-  """The FFN of ExpertBank, RaggedExpertBank and DenseFfn, in `module`.
+def _kernels(module: nn.Module, in_shape, out_shape, init):
+  """Creates the FFN params of `module`: (wis, wo), in `param_dtype`.
 
-  Creates `wi` (or the gated `wi_0`, `wi_1`) of `in_shape` and `wo` of
-  `out_shape`, and computes act(x . wi) [* (x . wi_1)] . wo in
-  `module.dtype`. `spec_in` / `spec_out` are einsum specs, or callables
-  (x, w) -> x . w (e.g. grouped matmuls).
+  `wi` (or the gated `wi_0`, `wi_1`) of `in_shape` [.., in, out] and `wo` of
+  `out_shape`, in this order; with `module.lora_rank` r > 0 then, for each
+  kernel, `<name>_lora_a` [.., in, r] (`init`) and `<name>_lora_b`
+  [.., r, out] (zeros), and each kernel is returned as a
+  ffn_math.LoraKernel whose b is scaled by lora_alpha / r and cast to
+  `module.dtype`.
   """
   check_activation(module.activation)
+  lora_lib.check_lora_options(module.lora_rank, module.lora_alpha)
+  names = _input_names(module.activation) + ('wo',)
+  shapes = [in_shape] * (len(names) - 1) + [out_shape]
+  kernels = [module.param(name, init, shape, module.param_dtype)
+             for name, shape in zip(names, shapes)]
+  r = module.lora_rank
+  if r:
+    scale = lora_lib.lora_scale(r, module.lora_alpha)
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+      a_name, b_name = lora_lib.adapter_names(name)
+      a = module.param(a_name, init, (*shape[:-1], r), module.param_dtype)
+      b = module.param(b_name, nn.initializers.zeros,
+                       (*shape[:-2], r, shape[-1]), module.param_dtype)
+      b = (b.astype(jnp.float32) * scale).astype(module.dtype)
+      kernels[i] = ffn_math.LoraKernel(kernels[i], a, b)
+  return kernels[:-1], kernels[-1]
+
+
+def _ffn(module: nn.Module, x: jax.Array, in_shape, out_shape, init,
+         spec_in, spec_out) -> jax.Array:
+  """The FFN of ExpertBank, RaggedExpertBank, TokenExpertBank and DenseFfn.
+
+  Creates the params (`_kernels`) and computes act(x . wi) [* (x . wi_1)]
+  . wo in `module.dtype`. `spec_in` / `spec_out` are einsum specs, or
+  callables (x, w) -> x . w (e.g. grouped matmuls). An adapter's a goes
+  through its kernel's matmul, and its b through `spec_out`'s: in every
+  bank that is the plain per-expert product rows [.., r] x [E, r, out].
+  """
   matmul = lambda spec: (spec if callable(spec) else
                          lambda a, w: jnp.einsum(spec, a, w))
-  wis = [module.param(name, init, in_shape, module.param_dtype)
-         for name in _input_names(module.activation)]
-  wo = module.param('wo', init, out_shape, module.param_dtype)
-  cast = lambda ws: [w.astype(module.dtype) for w in ws]
+  wis, wo = _kernels(module, in_shape, out_shape, init)
+  cast = lambda w: jax.tree.map(lambda t: t.astype(module.dtype), w)
   return ffn_math.gated_ffn(
-      x.astype(module.dtype), cast(wis), cast([wo])[0],
+      x.astype(module.dtype), cast(wis), cast(wo),
       _NONLINEARITY[module.activation], matmul(spec_in), matmul(spec_out))
 
 
@@ -85,7 +120,10 @@ class ExpertBank(nn.Module):
   """E independent FFNs applied to their own buffers.
 
   Params: `wi` [E, D, F] (or `wi_0`, `wi_1` [E, D, F] when gated) and
-  `wo` [E, F, D], stored in `param_dtype`, computed in `dtype`.
+  `wo` [E, F, D], stored in `param_dtype`, computed in `dtype`; with
+  `lora_rank` r > 0 also `wi_lora_a` [E, D, r], `wi_lora_b` [E, r, F] (for
+  each input kernel), `wo_lora_a` [E, F, r] and `wo_lora_b` [E, r, D],
+  scaled by `lora_alpha` / r (module docstring).
 
   __call__: buffers [G, E, C, D] -> [G, E, C, D].
 
@@ -98,18 +136,16 @@ class ExpertBank(nn.Module):
   activation: str = 'relu'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     g, e, c, d = x.shape
     f = self.d_ff
     mesh = sharding.expert_parallel_mesh()
-    if mesh is not None:  # Same params, created in _ffn's order.
-      check_activation(self.activation)
-      init = expert_kernel_init()
-      wis = [self.param(name, init, (e, d, f), self.param_dtype)
-             for name in _input_names(self.activation)]
-      wo = self.param('wo', init, (e, f, d), self.param_dtype)
+    if mesh is not None:  # The same params as _ffn's.
+      wis, wo = _kernels(self, (e, d, f), (e, f, d), expert_kernel_init())
       return sharding.expert_parallel_ffn(
           x, wis, wo, _NONLINEARITY[self.activation], self.dtype, mesh)
     # Expert-major [E, G*C, D]: one plain GEMM per expert. Contracting the
@@ -124,13 +160,16 @@ class ExpertBank(nn.Module):
 class DenseFfn(nn.Module):
   """One FFN on every token: x [..., D] -> [..., D].
 
-  Params: `wi` [D, F] (or `wi_0`, `wi_1` when gated) and `wo` [F, D]. Used
-  for dense layers, the dense baseline, and shared experts.
+  Params: `wi` [D, F] (or `wi_0`, `wi_1` when gated) and `wo` [F, D]; with
+  `lora_rank` r > 0 also `<w>_lora_a` [in, r] and `<w>_lora_b` [r, out] of
+  each. Used for dense layers, the dense baseline, and shared experts.
   """
   d_ff: int
   activation: str = 'relu'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -155,6 +194,8 @@ class RaggedExpertBank(nn.Module):
   activation: str = 'relu'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -185,6 +226,8 @@ class TokenExpertBank(nn.Module):
   activation: str = 'relu'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array, expert_index: jax.Array) -> jax.Array:

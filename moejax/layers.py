@@ -29,7 +29,11 @@ Param tree of one MoeLayer (checkpoint converters rely on these names):
     experts/wi_0     [E, D, F]  (gated 'swiglu' | 'geglu': through the nonlinearity)
     experts/wi_1     [E, D, F]  (gated: the linear branch)
     experts/wo       [E, F, D]
+    experts/<w>_lora_a, experts/<w>_lora_b   with lora_rank r > 0 and
+                     'experts' in lora_targets: [E, in, r], [E, r, out] for
+                     each kernel <w> above (moejax.lora)
     shared/...       DenseFfn of width num_shared_experts * shared_d_ff
+                     (its adapters with 'shared' in lora_targets)
     shared_gate      [D, 1] (when shared_gate)
 State (collection 'moe_state', when bias_update_rate > 0 or selection_bias):
     router/bias      [E] float32, the selection bias (loss-free balancing,
@@ -50,6 +54,7 @@ import jax.numpy as jnp
 from moejax import capacity as capacity_lib
 from moejax import dispatch as dispatch_lib
 from moejax import expert_choice
+from moejax import lora as lora_lib
 from moejax import routing
 from moejax import soft_moe
 from moejax.experts import ACTIVATIONS, DenseFfn, ExpertBank, RaggedExpertBank
@@ -169,6 +174,8 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
   _check_positive_int('num_shared_experts', layer.num_shared_experts, 0)
   if layer.shared_d_ff is not None:
     _check_positive_int('shared_d_ff', layer.shared_d_ff)
+  lora_lib.check_lora_options(layer.lora_rank, layer.lora_alpha,
+                              layer.lora_targets, lora_lib.LAYER_TARGETS)
   _validate_router_options(layer)
   _validate_groups(layer)
 
@@ -223,6 +230,11 @@ class MoeLayer(nn.Module):
     allow_noncausal_routing: accept non-causal routing in a causal model.
     dtype: compute dtype of the experts (the router is always float32).
     param_dtype: storage dtype of the expert weights.
+    lora_rank: r of the LoRA adapters on the FFNs in `lora_targets`
+      (moejax.lora); 0 = none (params and outputs exactly as without).
+    lora_alpha: the adapters' scale is lora_alpha / r (LoRA paper).
+    lora_targets: which FFNs get adapters: 'experts' (the routed bank, any
+      router and dispatcher) and/or 'shared' (the shared experts).
 
   aux: dict of float32 scalars `aux_loss`, `z_loss`, `max_violation`,
   `drop_fraction`, `fully_dropped_fraction`, `router_entropy`, `top1_prob`,
@@ -263,10 +275,20 @@ class MoeLayer(nn.Module):
   allow_noncausal_routing: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ('experts',)
 
   def __post_init__(self):
     validate_moe_args(self)
+    object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
     super().__post_init__()
+
+  def _lora(self, target: str) -> dict:
+    """LoRA args of the FFN `target` ('experts' | 'shared'): rank 0 when it
+    is not in lora_targets."""
+    rank = self.lora_rank if target in self.lora_targets else 0
+    return dict(lora_rank=rank, lora_alpha=self.lora_alpha)
 
   @property
   def effective_experts(self) -> int:
@@ -327,7 +349,8 @@ class MoeLayer(nn.Module):
     return kind(num_experts=self.effective_experts,
                 d_ff=self.d_ff // self.granularity,
                 activation=self.activation, dtype=self.dtype,
-                param_dtype=self.param_dtype, name='experts')
+                param_dtype=self.param_dtype, **self._lora('experts'),
+                name='experts')
 
   def _routed(self, xg: jax.Array, valid_g: jax.Array, deterministic: bool):
     """The routed experts on groups: [G, S, D] -> ([G, S, D], aux).
@@ -365,7 +388,8 @@ class MoeLayer(nn.Module):
     """Shared experts on every valid token: [B, L, D] -> [B, L, D]."""
     width = (self.shared_d_ff or self.d_ff // self.granularity)
     y = DenseFfn(self.num_shared_experts * width, self.activation,
-                 self.dtype, self.param_dtype, name='shared')(x)
+                 self.dtype, self.param_dtype, **self._lora('shared'),
+                 name='shared')(x)
     if self.shared_gate:
       w = self.param('shared_gate', nn.initializers.lecun_normal(),
                      (x.shape[-1], 1), jnp.float32)

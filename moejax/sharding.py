@@ -24,7 +24,9 @@ Layout. One Flax logical-axis rules table, `LOGICAL_AXIS_RULES`:
 A param's logical axes come from its path (`PARAM_LOGICAL_AXES`: the
 trailing names of the param trees in layers.py, models/transformer.py), so
 modules need no annotations and optimizer states (optax mirrors the param
-paths) get the same layout. A dimension not divisible by its mesh axes, and
+paths) get the same layout; LoRA adapters (`<w>_lora_a` [.., in, r],
+`<w>_lora_b` [.., r, out]) split like their kernel's in / out dims, r
+never. A dimension not divisible by its mesh axes, and
 a leaf no rule matches, are replicated: every mesh fits every model, and a
 layout changes memory and speed, never results.
 
@@ -59,6 +61,7 @@ LOGICAL_AXIS_RULES = (
     ('norm', None),
 )
 
+_WIS = ('wi', 'wi_0', 'wi_1')
 _EXPERT_IN = ('expert', 'embed', 'expert_mlp')  # wi, wi_0, wi_1 [E, D, F]
 _DENSE_IN = ('embed', 'mlp')  # wi, wi_0, wi_1 [D, F]
 # (trailing path names, ndim, logical axes); the first match wins.
@@ -77,6 +80,16 @@ PARAM_LOGICAL_AXES = (
     (('wi',), 2, _DENSE_IN), (('wi_0',), 2, _DENSE_IN),
     (('wi_1',), 2, _DENSE_IN),
     (('wo',), 2, ('mlp', 'embed')),  # [F, D]
+    # LoRA adapters (moejax.lora): a [.., in, r] and b [.., r, out] split
+    # like their kernel's in / out dims; r is never split.
+    *[((f'{w}_lora_a',), 3, ('expert', 'embed', None)) for w in _WIS],
+    *[((f'{w}_lora_b',), 3, ('expert', None, 'expert_mlp')) for w in _WIS],
+    (('wo_lora_a',), 3, ('expert', 'expert_mlp', None)),  # [E, F, r]
+    (('wo_lora_b',), 3, ('expert', None, 'embed')),  # [E, r, D]
+    *[((f'{w}_lora_a',), 2, ('embed', None)) for w in _WIS],  # [D, r]
+    *[((f'{w}_lora_b',), 2, (None, 'mlp')) for w in _WIS],  # [r, F]
+    (('wo_lora_a',), 2, ('mlp', None)),  # [F, r]
+    (('wo_lora_b',), 2, (None, 'embed')),  # [r, D]
 )
 
 MeshLike = Union[jax.sharding.Mesh, jax.sharding.AbstractMesh,

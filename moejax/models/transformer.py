@@ -32,6 +32,10 @@ Param tree of a TransformerLM (shapes for activation 'relu' | 'gelu'):
       block_{i}/ffn/experts/wo      [E, F, D]
     final_norm/scale             [D]
     head/kernel                  [D, V]  (only if tie_embeddings=False)
+    LoRA (lora_rank r > 0): `<w>_lora_a` [.., in, r] and `<w>_lora_b`
+    [.., r, out] beside each FFN kernel <w> of the targets in lora_targets:
+    'experts' (ffn/experts/), 'shared' (ffn/shared/), 'dense' (a dense
+    block's ffn/); see moejax.lora.
 
 Gated activations ('swiglu' | 'geglu') replace `wi` by `wi_0` and `wi_1` of
 the same shape. With tied embeddings the logits are
@@ -54,6 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from moejax import lora as lora_lib
 from moejax.experts import DenseFfn
 from moejax.layers import MoeLayer
 from moejax.models.attention import AttentionOptions
@@ -66,7 +71,8 @@ from moejax.models.attention import attention_mask  # pylint: disable=unused-imp
 CausalSelfAttention = SelfAttention
 
 # MoeLayer arguments the model sets itself; a `moe` mapping may not hold them.
-RESERVED_MOE_KEYS = ('d_ff', 'activation', 'dtype', 'param_dtype', 'causal')
+RESERVED_MOE_KEYS = ('d_ff', 'activation', 'dtype', 'param_dtype', 'causal',
+                     'lora_rank', 'lora_alpha', 'lora_targets')
 # Per-layer aux entries averaged over the MoE layers into the model's aux.
 MEAN_AUX_KEYS = ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation')
 # The keys of TransformerLM.mla (DeepSeek multi-head latent attention).
@@ -130,6 +136,10 @@ class Block(nn.Module):
     attention: AttentionOptions (None: plain multi-head attention with
       `rope_base`).
     norm_eps: epsilon of the block's two RMSNorms.
+    lora_rank: LoRA rank r of the FFNs in `lora_targets` (0 = none).
+    lora_alpha: the adapters' scale is lora_alpha / r.
+    lora_targets: 'dense' (a dense block's FFN), 'experts', 'shared' (an
+      MoE block's routed and shared experts).
   """
   num_heads: int
   d_ff: int
@@ -141,6 +151,9 @@ class Block(nn.Module):
   causal: bool = True
   attention: Optional[AttentionOptions] = None
   norm_eps: float = 1e-6
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ()
 
   def _attention(self) -> nn.Module:
     options = self.attention or AttentionOptions(rope_base=self.rope_base)
@@ -168,12 +181,17 @@ class Block(nn.Module):
     x = x + self._attention()(h, padding_mask, decode)
     h = norm('ffn_norm')(x)
     if self.moe is None:
+      rank = self.lora_rank if 'dense' in self.lora_targets else 0
       y = DenseFfn(self.d_ff, self.activation, self.dtype, self.param_dtype,
+                   lora_rank=rank, lora_alpha=self.lora_alpha,
                    name='ffn')(h)
       return x + y.astype(x.dtype), None
+    targets = tuple(t for t in self.lora_targets if t != 'dense')
     y, aux = MoeLayer(**self.moe, d_ff=self.d_ff, activation=self.activation,
                       causal=self.causal, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name='ffn')(
+                      param_dtype=self.param_dtype, lora_rank=self.lora_rank,
+                      lora_alpha=self.lora_alpha, lora_targets=targets,
+                      name='ffn')(
                           h, padding_mask=padding_mask,
                           deterministic=deterministic)
     return x + y.astype(x.dtype), aux
@@ -224,7 +242,8 @@ class TransformerLM(nn.Module):
     vocab_size: V (256: bytes; any size).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     moe: keyword args for MoeLayer (all but d_ff, activation, dtype,
-      param_dtype, causal); None or num_experts == 0 means all dense.
+      param_dtype, causal and the lora_* options); None or num_experts == 0
+      means all dense.
       Stored as a FrozenDict so the module stays hashable.
     moe_every: one MoE block in every `moe_every` (see moe_layer_indices).
     first_dense_layers: leading blocks that are always dense.
@@ -247,6 +266,11 @@ class TransformerLM(nn.Module):
       (Mixtral's configs); longer sequences are refused.
     dtype: compute dtype (logits are always float32).
     param_dtype: parameter dtype (the routers are always float32).
+    lora_rank: r of the LoRA adapters (moejax.lora) on the FFNs in
+      `lora_targets`; 0 = none (params and logits exactly as without).
+    lora_alpha: the adapters' scale is lora_alpha / r (LoRA paper).
+    lora_targets: 'experts' (routed expert banks), 'shared' (shared
+      experts), 'dense' (the dense FFN blocks).
   """
   num_layers: int
   d_model: int
@@ -272,6 +296,9 @@ class TransformerLM(nn.Module):
   sliding_window: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ('experts',)
   # Read by the train step (moejax.train.step): next-token cross-entropy.
   task = 'lm'
 
@@ -289,6 +316,9 @@ class TransformerLM(nn.Module):
         raise ValueError(f'd_model / num_heads = {self.d_model} / '
                          f'{self.num_heads} must be even for RoPE.')
     object.__setattr__(self, 'dense_layers', tuple(self.dense_layers))
+    lora_lib.check_lora_options(self.lora_rank, self.lora_alpha,
+                                self.lora_targets, lora_lib.MODEL_TARGETS)
+    object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
     moe_layer_indices(self.num_layers, self.moe_every,
                       self.first_dense_layers, self.dense_layers)
     self.attention_options.validate(self.d_model, self.num_heads)
@@ -343,7 +373,8 @@ class TransformerLM(nn.Module):
     return Block(self.num_heads, d_ff, self.activation, moe, self.rope_base,
                  self.dtype, self.param_dtype,
                  attention=self.attention_options, norm_eps=self.norm_eps,
-                 name=f'block_{i}')
+                 lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                 lora_targets=self.lora_targets, name=f'block_{i}')
 
   @nn.compact
   def __call__(self, tokens: jax.Array,
