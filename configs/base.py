@@ -44,6 +44,8 @@ NULLABLE = {
     'distributed.num_processes': int,  # None -> auto-detect
     'distributed.process_id': int,  # None -> auto-detect
 }
+# List keys whose items are strings (other lists hold ints).
+STRING_LISTS = ('finetune.freeze', 'finetune.lora_targets')
 
 SIZES = {
     'tiny': dict(
@@ -69,7 +71,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   Returns:
     ConfigDict with sections `train`, `data`, `model` (and `model.moe`,
-    `model.mla`), `init`, `mesh`, `distributed`, plus the top-level `seed`.
+    `model.mla`), `init`, `finetune`, `mesh`, `distributed`, plus the
+    top-level `seed`.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0  # init params and the per-step RNG; also the data shuffle seed
@@ -89,7 +92,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_train=8192, num_eval=256,
       # local_text: glob of text files; TFDS: text feature name
       pattern='', text_key='text',
-      pad_id=None))  # token id ignored by the loss (e.g. 0 for TFDS text)
+      pad_id=None,  # token id ignored by the loss (e.g. 0 for TFDS text)
+      # synthetic_mixture: keep only these domain ids in both splits ([]:
+      # all), e.g. pretrain on some domains and fine-tune on the others.
+      domains=[]))
   c.model = ml_collections.ConfigDict(dict(
       # 'lm': decoder TransformerLM (next token); 'classify': bidirectional
       # EncoderClassifier of each example's domain id (non-causal routers).
@@ -140,7 +146,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   # moejax work dir = its latest good checkpoint's params and model state
   # (not its optimizer state; the run starts at step 0). Only a run without
   # checkpoints of its own uses it (a resume ignores it).
-  c.init = ml_collections.ConfigDict(dict(from_workdir=''))
+  # init.upcycle: the source is a dense run and this config an MoE: every
+  # expert of an MoE block starts as a copy of the source block's FFN, the
+  # router fresh ('fresh') or zero ('zero': uniform routing), the rest
+  # copied (sparse upcycling); upcycle_noise adds Gaussian noise of that
+  # relative std to each copy, drop_upcycle_ratio re-draws that fraction of
+  # each expert's hidden units (Drop-Upcycling). README "Upcycle and
+  # fine-tune".
+  c.init = ml_collections.ConfigDict(dict(
+      from_workdir='', upcycle=False, upcycle_router='fresh',
+      upcycle_noise=0.0, drop_upcycle_ratio=0.0))
+  # What trains (moejax.train.finetune): freeze = regular expressions over
+  # param paths ('block_0/.*', '.*/attn/.*'); freeze_router: the routers'
+  # params; freeze_bias: the loss-free balancing bias stops moving (kept as
+  # a fixed selection bias). lora_rank > 0: only low-rank adapters train,
+  # on lora_targets ('experts' = routed expert banks, 'shared' = shared
+  # experts, 'dense' = dense FFN blocks), scaled by lora_alpha / lora_rank.
+  # train_experts='topk_used' (ESFT): measure each MoE layer's expert loads
+  # on esft_batches training batches, train only the fewest experts that
+  # take esft_fraction of the routed tokens, freeze everything else.
+  c.finetune = ml_collections.ConfigDict(dict(
+      freeze=[], freeze_router=False, freeze_bias=False,
+      lora_rank=0, lora_alpha=16.0, lora_targets=['experts'],
+      train_experts='all', esft_fraction=0.9, esft_batches=8))
   # Device mesh ('data', 'expert', 'model'); one size may be -1 (all the
   # remaining devices). The batch is split over data x expert, the experts
   # over expert, expert / FFN hidden widths and heads over model. It sets

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import ml_collections
 
 from configs import base as base_config
+from experiments import finetune_setup
 from experiments import model_config
 from experiments.config_keys import call_in_file
 from experiments.config_keys import first_line
@@ -125,7 +126,9 @@ def _unknown_key(key: str, known: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- validation
-def _type_name(kind) -> str:
+def _type_name(kind, key: str = '') -> str:
+  if kind is list and key in base_config.STRING_LISTS:
+    return 'a list of strings'
   return {int: 'an int', float: 'a number', str: 'a string',
           bool: 'a bool', list: 'a list of ints'}.get(kind, kind.__name__)
 
@@ -140,7 +143,9 @@ def _check_type(key: str, value: Any, default: Any) -> None:
   elif kind is int:
     ok = _is_int(value)
   elif kind is list:  # JSON and ConfigDict give lists; a literal may be ()
-    ok = isinstance(value, (list, tuple)) and all(map(_is_int, value))
+    item = ((lambda v: isinstance(v, str)) if key in base_config.STRING_LISTS
+            else _is_int)
+    ok = isinstance(value, (list, tuple)) and all(map(item, value))
   elif kind is float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   else:
@@ -148,7 +153,8 @@ def _check_type(key: str, value: Any, default: Any) -> None:
   if not ok:
     none = ' or None' if key in base_config.NULLABLE else ''
     raise ValueError(f'{key}={value!r} has the wrong type: expected '
-                     f'{_type_name(kind)}{none}, got {type(value).__name__}.')
+                     f'{_type_name(kind, key)}{none}, got '
+                     f'{type(value).__name__}.')
 
 
 def _check_finite(key: str, value: Any) -> None:
@@ -215,6 +221,12 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ValueError(f'data (synthetic_mixture): {e}') from e
     check_split_sizes(config, d.num_train, d.num_eval)
+  domains = list(config_value(config, 'data.domains'))
+  _require('data.domains', domains, not domains or (
+      d.name == 'synthetic_mixture' and len(set(domains)) == len(domains)
+      and all(0 <= x < d.num_domains for x in domains)),
+      f'[] (all), or distinct domain ids in [0, data.num_domains='
+      f'{d.num_domains}) of data.name=\'synthetic_mixture\'')
   if d.name == 'local_text':
     _require('data.pattern', d.pattern, bool(d.pattern),
              'a glob of text files (required for local_text)')
@@ -277,6 +289,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_keys_and_types(config)
   _check_train(config)
   _check_data(config)
+  finetune_setup.check_config(config)
   model_config.check_model(config)
   _check_distributed(config)
   if -1 not in mesh_sizes(config):  # else: after the devices are known
@@ -367,11 +380,17 @@ def uses_distributed(config: ml_collections.ConfigDict) -> bool:
 
 
 # ------------------------------------------------------------------ builders
-def build_optimizer(config: ml_collections.ConfigDict):
-  """AdamW + warmup-cosine + clipping from train.*.
+def build_optimizer(config: ml_collections.ConfigDict,
+                    expert_rows: Optional[dict] = None):
+  """AdamW + warmup-cosine + clipping from train.*, training what the
+  finetune block says (moejax.train.finetune).
 
   Args:
     config: run config.
+    expert_rows: ESFT's chosen experts ({layer path: expert ids};
+      `finetune_setup.esft_rows` / `load_expert_rows`). With
+      finetune.train_experts='topk_used' and None, no expert is chosen:
+      right for param shapes, not for restoring a run's optimizer state.
 
   Returns:
     (optax GradientTransformation, learning-rate schedule).
@@ -379,9 +398,13 @@ def build_optimizer(config: ml_collections.ConfigDict):
   t = config.train
   schedule = optim.lr_schedule(t.learning_rate, t.warmup_steps, t.steps,
                                t.min_lr_ratio)
+  if (config.get('finetune') and expert_rows is None and
+      config.finetune.train_experts == 'topk_used'):
+    expert_rows = {}  # finetune_setup.plan: no layer restricted yet
   optimizer = optim.make_optimizer(
       t.learning_rate, t.warmup_steps, t.steps, weight_decay=t.weight_decay,
-      grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, min_lr_ratio=t.min_lr_ratio)
+      grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, min_lr_ratio=t.min_lr_ratio,
+      plan=finetune_setup.plan(config, expert_rows))
   return optimizer, schedule
 
 
@@ -426,6 +449,9 @@ def build_data(config: ml_collections.ConfigDict,
               process_count=t.batch_size // local)
   train, valid = _load_split(config, d.train_split), _load_split(
       config, d.eval_split)
+  if config_value(config, 'data.domains'):
+    train = data_lib.DomainSubset(train, d.domains)
+    valid = data_lib.DomainSubset(valid, d.domains)
   check_split_sizes(config, len(train), len(valid))
   try:
     loader = data_lib.BatchLoader(train, batch_size=t.batch_size,

@@ -9,6 +9,10 @@
     # out: a work dir's newest intact checkpoint -> an HF model directory
     python -m experiments.convert --to_hf out/mixtral --workdir runs/mixtral
 
+    # LoRA: fold a fine-tuned run's adapters into its expert weights
+    python -m experiments.convert --merge_lora runs/ft_merged \
+        --workdir runs/ft_lora
+
 In: the work dir gets `config.json`, a resolved run config whose `model`
 section describes the imported model (`moejax.interop.hf_config`: every
 model.* key, the rest at the base defaults, so the MoE is dropless:
@@ -27,6 +31,14 @@ the refusal lists why: e.g. a capacity factor, tied embeddings, gelu).
 The params and model state are read from the newest intact checkpoint
 (not the optimizer state); the tensors of an imported, untrained model come
 back bit for bit.
+
+Merge: the newest intact checkpoint of a run with LoRA adapters
+(finetune.lora_rank > 0) becomes a new work dir whose model has none: each
+adapted kernel w becomes w + (lora_alpha / r) a . b (moejax.lora.merge_lora),
+the config gets finetune.lora_rank=0 (and init / the other finetune keys
+at their defaults), and `checkpoints/0` holds the merged params with a
+fresh optimizer state: it evaluates, generates, exports (--to_hf) and
+trains like any run, with the unmerged model's logits to float rounding.
 
 Each direction ends with one line giving the conversion time and the peak
 host memory (ru_maxrss). User errors print one line `error: ...` to stderr
@@ -49,6 +61,7 @@ from configs import base as base_config
 from experiments import config_lib
 from experiments import train as train_cli
 from experiments import workdir_config
+from moejax import lora as lora_lib
 from moejax.interop import hf
 from moejax.interop import hf_config
 from moejax.train import checkpoint as checkpoint_lib
@@ -90,6 +103,9 @@ def parse_args(argv: Optional[Sequence[str]]):
   direction.add_argument('--hf_dir', help='HF model directory to import')
   direction.add_argument('--to_hf', metavar='DIR',
                          help='HF model directory to write (export)')
+  direction.add_argument('--merge_lora', metavar='DIR',
+                         help='new work dir: --workdir\'s LoRA adapters '
+                              'folded into its weights')
   parser.add_argument('--workdir', required=True,
                       help='moejax work dir: written by an import, read by '
                            'an export')
@@ -105,9 +121,9 @@ def parse_args(argv: Optional[Sequence[str]]):
                            'most this many bytes (plus an index)')
   args, rest = parser.parse_known_args(argv)
   overrides = train_cli.parse_overrides(parser, rest)
-  if args.to_hf is not None and (overrides or args.config):
+  if args.hf_dir is None and (overrides or args.config):
     parser.error('--config and --config.<key> apply to an import (--hf_dir);'
-                 ' an export uses the config stored in --workdir')
+                 ' an export or merge uses the config stored in --workdir')
   return args, overrides
 
 
@@ -181,16 +197,7 @@ def import_hf(hf_dir: str, workdir: str, spec: Optional[str],
     raise ValueError(f'the config overrides change the imported model: '
                      f'{problem}; allowed: overrides of keys that keep '
                      'every param shape.')
-  optimizer, _ = config_lib.build_optimizer(config)
-  state = state_lib.state_from_variables(
-      imported['params'], imported['model_state'], optimizer)
-  os.makedirs(workdir, exist_ok=True)
-  loop.write_config(workdir, config_lib.resolved_config(config))
-  checkpointer = checkpoint_lib.Checkpointer(workdir)
-  try:
-    checkpointer.save(state)
-  finally:
-    checkpointer.close()
+  _write_step0(workdir, config, imported['params'], imported['model_state'])
   copy_tokenizer(hf_dir, workdir)
   count = sum(x.size for x in jax.tree.leaves(imported['params']))
   return (f'{family} ({count:,} params, V={model.vocab_size}, dropless) -> '
@@ -253,6 +260,63 @@ def export_hf(workdir: str, out_dir: str, fused_experts: bool = False,
           f'({", ".join(names)})')
 
 
+# -------------------------------------------------------------------- merge
+def merge_lora(workdir: str, out_dir: str) -> str:
+  """Writes `out_dir`: `workdir`'s newest intact checkpoint with its LoRA
+  adapters merged (see the module docstring).
+
+  Returns:
+    A one-line description.
+
+  Raises:
+    ValueError: a user error (named), nothing written.
+  """
+  if not os.path.isfile(os.path.join(workdir, workdir_config.CONFIG_FILE)):
+    raise ValueError(f'--workdir {workdir} has no '
+                     f'{workdir_config.CONFIG_FILE}; allowed: a moejax work '
+                     'dir made by experiments.train.')
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise ValueError(f'--merge_lora {out_dir} is not empty; allowed: a new '
+                     'or empty directory.')
+  config = workdir_config.load_stored_config(workdir)
+  config_lib.validate_config(config)
+  if not config.finetune.lora_rank:
+    raise ValueError(f'--workdir {workdir} has no LoRA adapters '
+                     '(finetune.lora_rank=0); allowed: a run with '
+                     'finetune.lora_rank > 0.')
+  model = config_lib.build_model(config)
+  try:
+    step, variables = checkpoint_lib.restore_init_variables(
+        workdir, _abstract_variables(config, model))
+  except checkpoint_lib.InitSourceError as e:
+    raise ValueError(f'--workdir {workdir} {e.reason}.') from e
+  merged_config = config_lib.apply_overrides(config, {
+      **{f'finetune.{k}': v for k, v in
+         base_config.get_base_config().finetune.items()},
+      **{f'init.{k}': v for k, v in base_config.get_base_config().init.items()}})
+  config_lib.validate_config(merged_config)
+  params = lora_lib.merge_lora(jax.device_get(variables['params']),
+                               config.finetune.lora_alpha)
+  _write_step0(out_dir, merged_config, params, variables['model_state'])
+  copy_tokenizer(workdir, out_dir)
+  return (f'{workdir} (checkpoint {step}, LoRA rank '
+          f'{config.finetune.lora_rank}) -> {out_dir} with the adapters '
+          'merged (config.json, checkpoints/0)')
+
+
+def _write_step0(workdir: str, config, params, model_state) -> None:
+  """config.json and a step-0 checkpoint (fresh optimizer state)."""
+  optimizer, _ = config_lib.build_optimizer(config)
+  state = state_lib.state_from_variables(params, model_state, optimizer)
+  os.makedirs(workdir, exist_ok=True)
+  loop.write_config(workdir, config_lib.resolved_config(config))
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  try:
+    checkpointer.save(state)
+  finally:
+    checkpointer.close()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one direction; returns the exit code (0, or 2 on a user error)."""
   args, overrides = parse_args(argv)
@@ -260,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.hf_dir is not None:
       done = import_hf(args.hf_dir, args.workdir, args.config, overrides)
+    elif args.merge_lora is not None:
+      done = merge_lora(args.workdir, args.merge_lora)
     else:
       done = export_hf(args.workdir, args.to_hf, args.fused_experts,
                        args.max_shard_bytes)

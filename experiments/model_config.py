@@ -224,7 +224,11 @@ def moe_kwargs(config: ml_collections.ConfigDict) -> Optional[dict]:
   if moe.num_experts == 0:
     return None
   # A key missing from an older config.json keeps the MoeLayer default.
-  return {k: moe[k] for k in MOE_LAYER_KEYS if k in moe}
+  kwargs = {k: moe[k] for k in MOE_LAYER_KEYS if k in moe}
+  if config.get('finetune') and config.finetune.get('freeze_bias'):
+    # The bias stops moving but still steers the selection (same state).
+    kwargs.update(bias_update_rate=0.0, selection_bias=True)
+  return kwargs
 
 
 @functools.lru_cache(maxsize=1)
@@ -290,9 +294,23 @@ def build_model(config: ml_collections.ConfigDict):
       rope_base=float(m.rope_base), dtype=DTYPES[m.dtype],
       param_dtype=DTYPES[m.param_dtype])
   if m.get('task', 'lm') == 'classify':
+    if _lora_kwargs(config):
+      raise ValueError(
+          f'finetune.lora_rank={config.finetune.lora_rank} is not allowed '
+          "with model.task='classify'; allowed values: 0, or model.task="
+          "'lm'.")
     return EncoderClassifier(**common, num_classes=config.data.num_domains)
   return TransformerLM(**common, tie_embeddings=m.tie_embeddings,
-                       **_decoder_kwargs(config))
+                       **_decoder_kwargs(config), **_lora_kwargs(config))
+
+
+def _lora_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """TransformerLM's LoRA arguments from finetune.* ({} without adapters)."""
+  f = config.get('finetune')
+  if f is None or not f.get('lora_rank', 0):
+    return {}
+  return dict(lora_rank=f.lora_rank, lora_alpha=float(f.lora_alpha),
+              lora_targets=tuple(f.lora_targets))
 
 
 def model_overrides(kwargs: Mapping[str, Any]) -> dict[str, Any]:

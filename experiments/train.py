@@ -93,6 +93,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from experiments import config_lib
+from experiments import finetune_setup
 from experiments import memory_check
 from experiments import workdir_config
 from experiments.config_lib import build_data  # pylint: disable=unused-import
@@ -332,8 +333,8 @@ def _prepare_workdir(args, diff: list,
           + '\n'.join(diff), flush=True)
 
 
-def init_source(config, args, model, mesh) -> Optional[str]:
-  """init.from_workdir, checked against the model when it will be used.
+def init_source(config, args, model, mesh) -> tuple[Optional[str], bool]:
+  """init.from_workdir and the finetune block, checked against the model.
 
   Args:
     config: the validated config.
@@ -342,26 +343,34 @@ def init_source(config, args, model, mesh) -> Optional[str]:
     mesh: the run's mesh (after initialize_distributed).
 
   Returns:
-    The source work dir, or None when init.from_workdir is ''.
+    (the work dir the loop initialises from, or None; whether a fresh
+    start needs `finetune_setup.prepare_start`: upcycling, adapters added
+    to a source, ESFT).
 
   Raises:
-    ValueError naming init.from_workdir: a fresh run whose source is not a
-    work dir with a checkpoint of this model's param tree and shapes.
+    ValueError naming init.from_workdir or the finetune / init key: a fresh
+    run whose source does not fit this model, freeze patterns matching
+    nothing, LoRA settings that add no adapter.
   """
   source = config.init.from_workdir
-  if not source or (checkpoint_lib.checkpoint_steps(args.workdir) and
-                    not args.fresh):
-    return source or None  # a resume: the loop logs that it ignores it
+  fresh = args.fresh or not checkpoint_lib.checkpoint_steps(args.workdir)
+  tuning = finetune_setup.plan(config, {}) is not None
+  if not tuning and not (source and fresh):
+    return source or None, False  # a resume: the loop logs that it ignores it
   optimizer, _ = config_lib.build_optimizer(config)
   abstract = state_lib.abstract_train_state(
       model, optimizer, (config.train.batch_size, config.data.seq_len), mesh)
+  finetune_setup.check_start(config, abstract, fresh)
+  prepared = fresh and finetune_setup.needs_prepared_start(config)
+  if prepared or not (source and fresh):
+    return (None if prepared else source or None), prepared
   try:
     checkpoint_lib.check_init_source(
         source, {'params': abstract.params,
                  'model_state': abstract.model_state})
   except InitSourceError as e:
     raise ValueError(init_error(e)) from e
-  return source
+  return source, False
 
 
 def init_error(error) -> str:
@@ -432,7 +441,7 @@ def _locked_main(args, config, start: float, log: workdir_config.LibraryLog,
     model = config_lib.build_model(config)
     mesh, rows = build_mesh(config)
     train_loader, eval_data = config_lib.build_data(config, rows)
-    init_from = init_source(config, args, model, mesh)
+    init_from, prepared = init_source(config, args, model, mesh)
     # After the data (its errors come first, and it traces nothing),
     # before anything compiles.
     memory_check.check_memory(config, model, mesh=mesh)
@@ -447,7 +456,13 @@ def _locked_main(args, config, start: float, log: workdir_config.LibraryLog,
                   EXIT_RUN_ERROR)
   _sync('moejax_workdir_ready')
   from moejax import train as train_lib  # pylint: disable=g-import-not-at-top
-  optimizer, schedule = config_lib.build_optimizer(config)
+  try:
+    optimizer, schedule = finetune_setup.start_optimizer(
+        config, args.workdir, prepared, model, mesh, train_loader, eval_data)
+  except InitSourceError as e:
+    return _error(init_error(e), EXIT_BAD_CONFIG)
+  except ValueError as e:
+    return _error(str(e), EXIT_BAD_CONFIG, log)
   try:
     result = train_lib.train_and_evaluate(
         model, run_spec(config, args.workdir, init_from),

@@ -6,7 +6,8 @@ Public API:
   local_text_config, make_builder, prepare_builder, load_source,
   ByteTextSource, text_chunks                      (moejax.data.builders)
   DataCacheError                                   (moejax.data.cache)
-  BatchLoader, eval_batches, stored_length         (moejax.data.pipeline)
+  BatchLoader, DomainSubset, eval_batches, stored_length
+                                                   (moejax.data.pipeline)
 """
 
 from moejax.data.builders import ByteTextSource
@@ -20,13 +21,14 @@ from moejax.data.builders import synthetic_mixture_config
 from moejax.data.builders import text_chunks
 from moejax.data.cache import DataCacheError
 from moejax.data.pipeline import BatchLoader
+from moejax.data.pipeline import DomainSubset
 from moejax.data.pipeline import eval_batches
 from moejax.data.pipeline import stored_length
 from moejax.data.synthetic import RESTART_EPS
 from moejax.data.synthetic import SyntheticMixture
 
 __all__ = [
-    'BatchLoader', 'ByteTextSource', 'DataCacheError', 'LocalTextBuilder',
+    'BatchLoader', 'ByteTextSource', 'DomainSubset', 'DataCacheError', 'LocalTextBuilder',
     'RESTART_EPS', 'SyntheticMixture', 'SyntheticMixtureBuilder',
     'eval_batches', 'load_source', 'local_text_config', 'make_builder',
     'prepare_builder', 'stored_length',

@@ -20,6 +20,7 @@ Batches are dicts ``{'tokens': [b, L] int32, 'domain': [b] int32,
 from __future__ import annotations
 
 import collections
+import collections.abc
 from concurrent import futures
 import functools
 from typing import Any, Iterator, Mapping, Sequence
@@ -196,3 +197,31 @@ def eval_batches(source: Sequence[Mapping[str, Any]], *, batch_size: int,
         f'num_batches must be in [1, {available}] (len(source)={len(source)},'
         f' batch_size={batch_size}), got {num_batches}')
   return [loader.batch(k) for k in range(num_batches)]
+
+
+class DomainSubset(collections.abc.Sequence):
+  """The records of `source` whose 'domain' is in `domains`, in order.
+
+  A random-access view (the index list is built once by reading every
+  record's domain), e.g. to train on some domains of the synthetic mixture
+  and fine-tune on the others.
+
+  Args (constructor):
+    source: random-access records with an int 'domain'.
+    domains: the domain ids to keep (non-empty).
+  """
+
+  def __init__(self, source: Sequence[Mapping[str, Any]],
+               domains: Sequence[int]):
+    keep = set(int(d) for d in domains)
+    self.source = source
+    self.index = [i for i in range(len(source))
+                  if int(np.asarray(source[i]['domain'])) in keep]
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    return self.source[self.index[i]]

@@ -129,3 +129,29 @@ def restore_init_variables(workdir: str, abstract: Mapping,
   raise ckpt.InitSourceError(
       workdir, 'has no checkpoint that reads back intact '
       f'({"; ".join(failures)})')
+
+
+def saved_abstract(workdir: str) -> dict:
+  """{'params', 'model_state'} ShapeDtypeStructs of `workdir`'s newest
+  checkpoint whose metadata reads back (its own tree, shapes and dtypes;
+  no array is read), e.g. to restore another model's checkpoint with
+  `restore_init_variables` and map it (upcycling, adapters).
+
+  Raises:
+    InitSourceError: no directory, no checkpoint, or no readable metadata.
+  """
+  if not os.path.isdir(workdir):
+    raise ckpt.InitSourceError(workdir, 'is not a directory')
+  steps = ckpt.checkpoint_steps(workdir)
+  for step in reversed(steps):
+    step_dir = epath.Path(workdir) / 'checkpoints' / str(step)
+    try:
+      saved = ckpt.saved_variables(step_dir)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                        saved, is_leaf=lambda x: hasattr(x, 'shape'))
+  raise ckpt.InitSourceError(
+      workdir, 'holds no checkpoint with readable metadata' if steps else
+      'holds no checkpoint (no '
+      f'{os.path.join(workdir, "checkpoints", "<step>")})')
