@@ -1,11 +1,24 @@
-"""Shared pytest set-up: a modest, deadline-free hypothesis profile."""
+"""Shared pytest set-up: hypothesis profiles, test keys, all-pairs cases.
+
+Hypothesis runs derandomized by default ('ci': the examples are a fixed
+function of each test, the same on every machine and every run, so CI
+cannot fail by chance and a failure replays as is). For a randomised search
+locally set MOEJAX_HYPOTHESIS=dev (or pass --hypothesis-profile=dev):
+new examples on every run, failures kept in .hypothesis/ and replayed
+first. Both are modest (40 examples) and deadline-free (the first example
+of a shape pays its compile).
+"""
+
+import os
 
 import hypothesis
 
-hypothesis.settings.register_profile(
-    'moejax', max_examples=40, deadline=None,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow])
-hypothesis.settings.load_profile('moejax')
+_COMMON = dict(max_examples=40, deadline=None,
+               suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile('ci', derandomize=True, database=None,
+                                     **_COMMON)
+hypothesis.settings.register_profile('dev', print_blob=True, **_COMMON)
+hypothesis.settings.load_profile(os.environ.get('MOEJAX_HYPOTHESIS', 'ci'))
 
 
 def init_key(seed: int):

@@ -52,16 +52,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Runs of one config share compiled programs (values are unchanged)."""
-  names = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('xla')),
-           'jax_persistent_cache_min_compile_time_secs': 0.0,
-           'jax_persistent_cache_min_entry_size_bytes': 0}
-  old = {name: getattr(jax.config, name) for name in names}
-  for name, value in names.items():
-    jax.config.update(name, value)
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
+  """Runs of one config share compiled programs (values are unchanged); the
+  cache is this module's only (helpers.persistent_compilation_cache)."""
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('xla')):
+    yield
 
 
 def _small(data_dir: str, **extra) -> list[str]:

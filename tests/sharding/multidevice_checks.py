@@ -157,6 +157,55 @@ def test_hlo_has_all_to_all_and_no_expert_weight_all_gather(mesh_shape):
     assert counts['all-reduce'] >= 1
 
 
+def test_ragged_dispatcher_on_a_mesh_matches_one_device():
+  # One combined case: 'ragged' with padding (the last 3 tokens of sequence
+  # 0, the first of sequence 3), priority 'score', a gated activation and
+  # drops (C = ceil(0.75 * 8 * 2 / 4) = 3 slots for 4 requests per expert
+  # on average), on the (2, 2, 2) mesh: batch over data x expert, expert
+  # weights over 'expert', F over 'model'. ragged is not expert-parallel
+  # (XLA partitions the sort and the grouped matmuls itself), so this pins
+  # only that its values and gradients are those of one device, and that
+  # those are 'gather''s (same decision, same params).
+  kw = dict(num_experts=E, d_ff=F, top_k=2, capacity_factor=0.75,
+            eval_capacity_factor=0.75, min_capacity=0, priority='score',
+            activation='swiglu')
+  layers = {name: moejax.MoeLayer(**kw, dispatcher=name)
+            for name in ('ragged', 'gather')}
+  x, r, _ = _inputs()
+  pad = jnp.zeros((B, L), bool).at[0, -3:].set(True).at[3, 0].set(True)
+  abstract = jax.eval_shape(layers['ragged'].init, jax.random.key(0), x)
+  params = _random_params(abstract['params'], 3)
+  params['router']['kernel'] = params['router']['kernel'] * 4.0
+
+  def loss(p, x, name):
+    y, aux = layers[name].apply({'params': p}, x, pad)
+    return jnp.sum(y * r) + aux['aux_loss'], (y, aux['drop_fraction'])
+
+  grad_fn = {name: jax.jit(jax.value_and_grad(
+      functools.partial(loss, name=name), argnums=(0, 1), has_aux=True))
+             for name in layers}
+  (_, (y_gather, _)), g_gather = grad_fn['gather'](params, x)
+  (_, (y_one, drops)), g_one = grad_fn['ragged'](params, x)
+  mesh = sharding.make_mesh(2, 2, 2)
+  with jax.set_mesh(mesh):
+    on_mesh = jax.block_until_ready(grad_fn['ragged'](
+        jax.device_put(params, sharding.tree_shardings(params, mesh)),
+        jax.device_put(x, sharding.batch_sharding(mesh))))
+  (_, (y_mesh, _)), g_mesh = on_mesh
+  assert float(drops) > 0  # the drop path is exercised
+  np.testing.assert_array_equal(np.asarray(y_one)[np.asarray(pad)], 0.0)
+  assert float(jnp.max(jnp.abs(y_one))) > 0.1  # not trivially zero
+  for got, want, what in [(y_mesh, y_one, 'mesh'), (y_one, y_gather, 'gather')]:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=what)
+  for (path, want), got, theirs in zip(
+      jax.tree_util.tree_leaves_with_path(g_one), jax.tree.leaves(g_mesh),
+      jax.tree.leaves(g_gather)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
+                               err_msg=f'mesh {path}')
+    np.testing.assert_allclose(want, theirs, rtol=1e-5, atol=1e-5,
+                               err_msg=f'gather {path}')
+
+
 def _dummy_decision(g, s, k, e, c):
   """A fixed RoutingDecision: choice j of token t goes to (3t + j + g) % E,
   slots in choice-major order, gates 0.5 / 0.25 (exact in float)."""

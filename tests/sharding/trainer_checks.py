@@ -21,6 +21,7 @@ A checkpoint restore moves data without arithmetic: it is bitwise exact.
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -61,15 +62,8 @@ def _setup(tmp_path_factory):
   _DIRS['runs'] = str(root / 'runs')
   for split in ('train', 'validation'):
     load_source('synthetic_mixture', split, _DIRS['data'], **helpers.DATA)
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  old = {name: getattr(jax.config, name) for name in names}
-  for name, value in zip(names, (str(root / 'jax_cache'), 0.0, 0)):
-    jax.config.update(name, value)
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
+  with helpers.persistent_compilation_cache(root / 'jax_cache'):
+    yield
 
 
 def _argv(workdir, mesh, **extra) -> list[str]:
@@ -192,16 +186,34 @@ def test_checkpoint_restores_on_another_mesh(source, target, tmp_path):
   _assert_close(got, want, range(SAVED + 1, STEPS + 1))
 
 
+# The coordinator's port. jax.distributed takes an address, not a socket,
+# so a free port must be closed again before process 0's coordinator binds
+# it, and in between any other program on the machine may take it: a race
+# no choice of port closes. So a start whose coordinator could not bind its
+# port (these lines in its log) is retried, on a fresh port and work dir,
+# up to START_ATTEMPTS times; any other failure fails at once.
+_BIND_FAILED = re.compile(r'Failed to add port to server|Failed to start RPC '
+                          r'server|[Aa]ddress already in use')
+START_ATTEMPTS = 3
+
+
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
+  """A port that is free now on every address: the coordinator listens on
+  [::] (IPv6 and IPv4); IPv4 only where the host has no IPv6."""
+  for family, host in ((socket.AF_INET6, '::'), (socket.AF_INET, '')):
+    try:
+      with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+    except OSError:
+      continue
+  raise OSError('no free port on :: or 0.0.0.0')
 
 
-def _start_processes(workdir, logdir, count=2):
+def _start_processes(workdir, logdir, port, count=2):
   """`count` trainer processes of 4 fake devices each, one jax.distributed
-  job on localhost, on the (2, 4, 1) mesh over their 8 devices."""
-  port = _free_port()
+  job with its coordinator at localhost:`port`, on the (2, 4, 1) mesh over
+  their 8 devices; each logs to `logdir`/process_<i>.log."""
   env = dict(helpers.cache_env(), JAX_PLATFORMS='cpu', PJRT_NPROC='8',
              XLA_FLAGS='--xla_force_host_platform_device_count=4 '
                        '--xla_backend_optimization_level=0')
@@ -217,9 +229,9 @@ def _start_processes(workdir, logdir, count=2):
   return procs
 
 
-def _wait_all(procs, logdir, timeout) -> None:
-  """Waits for every process; on a timeout or failure kills the rest (by
-  PID, SIGKILL: JAX traps SIGTERM) and fails with their logs."""
+def _wait_all(procs, timeout) -> list[int]:
+  """Waits for every process; on a timeout or a failure kills the rest (by
+  PID, SIGKILL: JAX traps SIGTERM). Returns the exit codes."""
   deadline = time.time() + timeout
   try:
     while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -231,22 +243,43 @@ def _wait_all(procs, logdir, timeout) -> None:
       if p.poll() is None:
         p.kill()
       p.wait(timeout=30)
-  codes = [p.returncode for p in procs]
-  if codes != [0] * len(procs):
-    logs = ''.join(open(os.path.join(logdir, f'process_{i}.log')).read()[-3000:]
-                   for i in range(len(procs)))
-    pytest.fail(f'exit codes {codes} (timeout {timeout}s):\n{logs}')
+  return [p.returncode for p in procs]
+
+
+def _train_two_processes(root, timeout, count=2) -> tuple[str, str]:
+  """The 2-process run, retried on a coordinator port taken by another
+  program (see _BIND_FAILED); returns (work dir, log dir) of the attempt
+  that finished."""
+  for attempt in range(1, START_ATTEMPTS + 1):
+    logdir = os.path.join(root, f'attempt_{attempt}')
+    os.makedirs(logdir)
+    workdir = os.path.join(logdir, 'run')
+    port = _free_port()
+    codes = _wait_all(_start_processes(workdir, logdir, port, count),
+                      timeout)
+    if codes == [0] * count:
+      return workdir, logdir
+    logs = []
+    for i in range(count):
+      with open(os.path.join(logdir, f'process_{i}.log')) as f:
+        logs.append(f.read())
+    if not any(map(_BIND_FAILED.search, logs)):
+      break
+    print(f'attempt {attempt}: the coordinator could not bind port {port}')
+  tails = ''.join(log[-3000:] for log in logs)
+  pytest.fail(f'attempt {attempt} of {START_ATTEMPTS}: exit codes {codes} '
+              f'(timeout {timeout}s):\n{tails}')
 
 
 def test_two_processes_match_one_process(tmp_path):
-  workdir = str(tmp_path / 'run')
-  _wait_all(_start_processes(workdir, str(tmp_path)), str(tmp_path), 240)
+  workdir, logdir = _train_two_processes(str(tmp_path), 240)
   got = _losses(_records(workdir))  # written by process 0 only
   assert sorted(got) == list(range(1, STEPS + 1))
   _assert_close(got, _losses(_records(_run('one'))), range(1, STEPS + 1))
   _assert_close(got, _losses(_records(_run('eight'))), range(1, STEPS + 1))
   for i in range(2):
-    log = (tmp_path / f'process_{i}.log').read_text()
+    with open(os.path.join(logdir, f'process_{i}.log')) as f:
+      log = f.read()
     assert f'process {i} of 2, 4 local of 8 devices' in log, log[-2000:]
   # Both processes wrote their shards of one checkpoint: it restores here
   # (one process, 8 devices). The step-3 state matches the 1-process run's

@@ -1,16 +1,21 @@
-"""Session fixtures of the training tests: a small synthetic dataset and a
-persistent XLA compilation cache.
+"""Fixtures of the training tests: a small synthetic dataset, a persistent
+XLA compilation cache, and the uninterrupted reference run.
 
 Most runs here share a config, so the cache lets later runs (and the
 subprocesses, through the JAX_* environment variables of
 `helpers.cache_env`) load the compiled train / eval / init programs instead
 of compiling them again. Caching does not change any computed value.
+
+The cache is on for the tests of this package only: a package-scoped
+fixture turns it on and off again (an xdist worker also runs other
+packages' tests, which must compile as they would alone), while its
+directory lives for the session, so every stretch of this package's tests
+on a worker shares it.
 """
 
 import dataclasses
 import shutil
 
-import jax
 import pytest
 
 from moejax.data import load_source
@@ -26,22 +31,26 @@ def data_dir(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope='session', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Points JAX's persistent compilation cache at a session directory."""
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  old = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  helpers.CACHE_DIR[0] = path
-  yield path
-  for name, value in old.items():
-    jax.config.update(name, value)
-  helpers.CACHE_DIR[0] = None
+@pytest.fixture(scope='session')
+def jax_cache_dir(tmp_path_factory):
+  """The directory of this package's persistent compilation cache."""
+  return str(tmp_path_factory.mktemp('jax_cache'))
+
+
+@pytest.fixture(scope='package', autouse=True)
+def compilation_cache(jax_cache_dir):
+  """The persistent compilation cache, on while this package's tests run.
+
+  pytest tears a package fixture down before a test of another package, so
+  tests elsewhere never see this cache (see helpers.persistent_compilation_
+  cache for why the cache is also reset).
+  """
+  with helpers.persistent_compilation_cache(jax_cache_dir):
+    helpers.CACHE_DIR[0] = jax_cache_dir
+    try:
+      yield jax_cache_dir
+    finally:
+      helpers.CACHE_DIR[0] = None
 
 
 @dataclasses.dataclass
@@ -61,11 +70,17 @@ class Reference:
 
 
 @pytest.fixture(scope='session')
-def reference(tmp_path_factory, data_dir):
-  """Runs helpers.reference_argv once per session (in process)."""
+def reference(tmp_path_factory, data_dir, jax_cache_dir):
+  """Runs helpers.reference_argv once per session (in process).
+
+  With the cache on explicitly: pytest sets session fixtures up before the
+  package-scoped `compilation_cache`, and this run's programs are the ones
+  most later runs load.
+  """
   # pylint: disable=g-import-not-at-top
   from experiments import train
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
   argv = helpers.reference_argv(workdir, data_dir)
-  assert train.main(argv) == 0
-  return Reference(workdir, *helpers.final_state(argv))
+  with helpers.persistent_compilation_cache(jax_cache_dir):
+    assert train.main(argv) == 0
+    return Reference(workdir, *helpers.final_state(argv))

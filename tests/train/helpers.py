@@ -8,6 +8,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import signal
 import struct
@@ -17,6 +18,7 @@ import threading
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -24,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 DATA = dict(num_train=256, num_eval=32, example_len=17, vocab_size=64)
 STEPS = 40
-CACHE_DIR = [None]  # set by the compilation_cache fixture
+CACHE_DIR = [None]  # set by tests/train/conftest.py's compilation_cache
 
 
 def small_args(config: str, workdir: str, data_dir: str,
@@ -59,6 +61,36 @@ def small_args(config: str, workdir: str, data_dir: str,
   return ([f'--config={os.path.join(REPO, "configs", config + ".py")}:tiny',
            f'--workdir={workdir}'] +
           [f'--config.{k}={v}' for k, v in values.items()])
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(path):
+  """JAX's persistent compilation cache in `path` for the duration, every
+  program cached (no minimum compile time or size); then the previous
+  settings.
+
+  JAX opens the cache at the first compile after a path is set and keeps
+  using that one, whatever the path says later. So the cache is reset on
+  the way in (a cache opened before would win) and on the way out (this one
+  would stay in use by every later test of the process: an xdist worker runs
+  many modules). Caching never changes a computed value, only compile time.
+
+  Yields:
+    `path` as a string.
+  """
+  names = {'jax_compilation_cache_dir': str(path),
+           'jax_persistent_cache_min_compile_time_secs': 0.0,
+           'jax_persistent_cache_min_entry_size_bytes': 0}
+  old = {name: getattr(jax.config, name) for name in names}
+  compilation_cache.reset_cache()
+  for name, value in names.items():
+    jax.config.update(name, value)
+  try:
+    yield str(path)
+  finally:
+    for name, value in old.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def cache_env() -> dict[str, str]:
@@ -180,6 +212,41 @@ def assert_same_run(got, want, steps: int = STEPS) -> None:
                         ref_state.model_state))
   assert [r['step'] for r in records] == [r['step'] for r in ref_records]
   assert strip_wall_clock(records) == strip_wall_clock(ref_records)
+
+
+# A run's progress when stderr is not a terminal (README: "shows a progress
+# bar (plain log lines when not on a terminal)"), one line per record:
+#   step 3/40 train loss 5.1325 tok/s 10330 eta 0:00:04
+#   step 20/40 eval loss 5.0895 aux_loss 1.1215 ... excess_loss 3.5849 eta 0:00:12
+_ETA = r' eta \d+:\d\d:\d\d'
+_PROGRESS = {
+    'train': re.compile(r'step (\d+)/(\d+) train loss \d+\.\d{4} tok/s \d+'
+                        + _ETA),
+    'eval': re.compile(r'step (\d+)/(\d+) eval loss \d+\.\d{4}'
+                       r'( [a-z_/0-9]+ -?\d+\.\d{4})*' + _ETA),
+}
+
+
+def assert_plain_progress(text: str, want: list[tuple[str, int]],
+                          total: int = STEPS) -> None:
+  """`text` (a run's stdout and stderr) shows its progress as plain lines.
+
+  Args:
+    text: the output; no carriage return (a tqdm bar redraws with them) and
+      no ANSI escape may appear anywhere in it.
+    want: the progress lines expected in order, as (kind, step) with kind
+      'train' | 'eval'.
+    total: the run's last step (the N of every 'step k/N').
+  """
+  assert '\r' not in text and '\x1b' not in text, repr(text[-1000:])
+  got = []
+  for line in text.splitlines():
+    kind = re.match(r'step \d+/\d+ (train|eval) ', line)
+    if kind:
+      match = _PROGRESS[kind[1]].fullmatch(line)
+      assert match and int(match[2]) == total, line
+      got.append((kind[1], int(match[1])))
+  assert got == want, (got, text[-2000:])
 
 
 def _event_records(path: str) -> list[bytes]:

@@ -30,8 +30,13 @@ def test_tiny_run_writes_everything(config, num_experts, data_dir, tmp_path,
                                     capsys, request):
   workdir = str(tmp_path / config)
   assert train.main(small_args(config, workdir, data_dir)) == 0
-  out = capsys.readouterr().out
+  out, err = capsys.readouterr()
   assert 'params total' in out and 'FLOPs/token' in out
+  # Captured, stderr is no terminal: plain progress lines, a record per step
+  # and the evals at 20 and 40 after their step's record; no bar.
+  helpers.assert_plain_progress(out + err, [
+      (kind, s) for s in range(1, STEPS + 1)
+      for kind in (('train', 'eval') if s in (20, 40) else ('train',))])
 
   with open(os.path.join(workdir, 'config.json')) as f:
     resolved = json.load(f)

@@ -11,9 +11,12 @@ subprocesses run through tests/train/trial_cli.py, which only changes
 timing: a delay per step (so "kill at step k" has a margin before the next
 checkpoint) and, for the kill during a write, a pause inside orbax's save
 just before the commit.
-Set MOEJAX_KILL_SEED to replay the random kill steps of a failed run.
+Set MOEJAX_KILL_SEED to replay the random kill steps of a failed run: every
+failure of the kill trials starts with the seed to set.
 """
 
+import contextlib
+import functools
 import json
 import os
 import random
@@ -94,9 +97,10 @@ def _last_metric_step(workdir):
 STEP_DELAY = 0.08  # s per step in the trial subprocesses (timing only)
 
 
-def _trial(workdir, argv, name, predicate, sig, options=()):
+def _trial(workdir, argv, name, predicate, sig, options=(), why=''):
   """Starts the CLI (through tests.train.trial_cli, STEP_DELAY per step),
-  sends `sig` once `predicate()` holds; returns (exit code, output)."""
+  sends `sig` once `predicate()` holds; returns (exit code, output). `why`
+  (how to replay) leads the failure message if the signal never went."""
   log_path = os.path.join(os.path.dirname(workdir), f'log_{name}.txt')
   proc = helpers.start_cli(
       argv, log_path, 'tests.train.trial_cli',
@@ -105,7 +109,9 @@ def _trial(workdir, argv, name, predicate, sig, options=()):
     running = helpers.wait_for(predicate, proc, timeout=120)
     if not running:
       with open(log_path) as f:
-        raise AssertionError(f.read()[-3000:])
+        raise AssertionError(f'{why + " " if why else ""}trial {name}: the '
+                             'CLI ended or hung before the signal:\n'
+                             f'{f.read()[-3000:]}')
     os.kill(proc.pid, sig)
     rc = proc.wait(timeout=60)
   finally:
@@ -114,64 +120,85 @@ def _trial(workdir, argv, name, predicate, sig, options=()):
     return rc, f.read()
 
 
+@contextlib.contextmanager
+def _replay_hint(why: str):
+  """Puts `why` (the seed to replay with) in front of any failure in the
+  block, the helpers' assertions and timeouts included: the kill steps are
+  drawn from the wall clock, so a failure without its seed cannot be
+  replayed."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if why in str(e):
+      raise
+    raise AssertionError(f'{why} {type(e).__name__}: {e}') from e
+
+
 def test_kill_trials_then_resume_is_exact(reference, data_dir, tmp_path,
                                           capsys):
   seed = int(os.environ.get('MOEJAX_KILL_SEED', time.time_ns() % 2**31))
-  rng = random.Random(seed)
   why = f'(replay with MOEJAX_KILL_SEED={seed})'
+  with _replay_hint(why):
+    _kill_trials(reference, data_dir, tmp_path, capsys, random.Random(seed),
+                 why)
+
+
+def _kill_trials(reference, data_dir, tmp_path, capsys, rng, why):
+  """test_kill_trials_then_resume_is_exact's body: every assertion message
+  starts with `why`."""
   workdir = str(tmp_path / 'run')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   argv = helpers.reference_argv(workdir, data_dir)
+  trial = functools.partial(_trial, workdir, argv, why=why)
 
   # 1. SIGKILL at a random step before the first checkpoint.
   kill_at = rng.randint(2, 7)
-  rc, log = _trial(workdir, argv, 'kill_early',
-                   lambda: _last_metric_step(workdir) >= kill_at,
-                   signal.SIGKILL)
-  assert rc == -signal.SIGKILL, why
+  rc, log = trial('kill_early', lambda: _last_metric_step(workdir) >= kill_at,
+                  signal.SIGKILL)
+  assert rc == -signal.SIGKILL, f'{why}\n{log[-3000:]}'
   assert helpers.checkpoint_steps(workdir) == [], why
   stale = len(_metric_steps(workdir))
   assert stale >= kill_at, why
 
   # 2. SIGTERM once checkpoint 10 exists: a checkpoint at the step reached.
-  rc, log = _trial(workdir, argv, 'sigterm',
-                   lambda: 10 in helpers.checkpoint_steps(workdir),
-                   signal.SIGTERM)
-  assert rc == 0, log[-3000:]
-  assert f'starting at step 0 (dropped {stale} stale metric records)' in log
+  rc, log = trial('sigterm', lambda: 10 in helpers.checkpoint_steps(workdir),
+                  signal.SIGTERM)
+  assert rc == 0, f'{why}\n{log[-3000:]}'
+  assert (f'starting at step 0 (dropped {stale} stale metric records)'
+          in log), f'{why}\n{log[-3000:]}'
   stopped = helpers.checkpoint_steps(workdir)[-1]
   assert 10 <= stopped < 20, why
-  assert f'SIGTERM: saved a checkpoint at step {stopped}' in log
-  assert _metric_steps(workdir) == list(range(1, stopped + 1))
+  assert f'SIGTERM: saved a checkpoint at step {stopped}' in log, (
+      f'{why}\n{log[-3000:]}')
+  assert _metric_steps(workdir) == list(range(1, stopped + 1)), why
 
   # 3. SIGKILL in the middle of writing checkpoint 20 (paused before its
   #    commit by trial_cli's --pause_save hook).
   marker = os.path.join(os.path.dirname(workdir), 'paused_in_save_20')
-  rc, log = _trial(workdir, argv, 'kill_in_save',
-                   lambda: os.path.exists(marker), signal.SIGKILL,
-                   options=('--pause_save', '20', marker))
-  assert rc == -signal.SIGKILL
-  assert f'resumed from step {stopped}' in log
-  assert '20.orbax-checkpoint-tmp' in os.listdir(ckpt_dir)
-  assert 20 not in helpers.checkpoint_steps(workdir)
-  assert _last_metric_step(workdir) == 20  # records past the checkpoint
+  rc, log = trial('kill_in_save', lambda: os.path.exists(marker),
+                  signal.SIGKILL, options=('--pause_save', '20', marker))
+  assert rc == -signal.SIGKILL, f'{why}\n{log[-3000:]}'
+  assert f'resumed from step {stopped}' in log, f'{why}\n{log[-3000:]}'
+  assert '20.orbax-checkpoint-tmp' in os.listdir(ckpt_dir), why
+  assert 20 not in helpers.checkpoint_steps(workdir), why
+  assert _last_metric_step(workdir) == 20, why  # records past the checkpoint
 
   # 4. SIGKILL at a random later step (maybe inside checkpoint 30's write).
   kill_at = rng.randint(21, 36)
-  rc, log = _trial(workdir, argv, 'kill_late',
-                   lambda: _last_metric_step(workdir) >= kill_at,
-                   signal.SIGKILL)
-  assert rc == -signal.SIGKILL, why
+  rc, log = trial('kill_late', lambda: _last_metric_step(workdir) >= kill_at,
+                  signal.SIGKILL)
+  assert rc == -signal.SIGKILL, f'{why}\n{log[-3000:]}'
   assert ('checkpoint: removing 20.orbax-checkpoint-tmp, an unfinished save'
-          in log), log[-3000:]
-  assert f'resumed from step {stopped} ({stopped} metric records kept)' in log
+          in log), f'{why}\n{log[-3000:]}'
+  assert (f'resumed from step {stopped} ({stopped} metric records kept)'
+          in log), f'{why}\n{log[-3000:]}'
   assert 20 in helpers.checkpoint_steps(workdir), why
 
   # 5. The same command finishes the run, exactly like the reference.
   last = helpers.checkpoint_steps(workdir)[-1]
-  assert train.main(argv) == 0
+  assert train.main(argv) == 0, why
   out = capsys.readouterr().out
-  assert f'resumed from step {last}' in out, why
+  assert f'resumed from step {last}' in out, f'{why}\n{out[-3000:]}'
   helpers.assert_same_run(helpers.final_state(argv), reference.result())
 
 
