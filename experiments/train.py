@@ -95,6 +95,7 @@ import numpy as np
 from experiments import config_lib
 from experiments import finetune_setup
 from experiments import memory_check
+from experiments import model_config
 from experiments import workdir_config
 from experiments.config_lib import build_data  # pylint: disable=unused-import
 from experiments.config_lib import build_model  # pylint: disable=unused-import
@@ -390,7 +391,9 @@ def run_spec(config, workdir: str, init_from: Optional[str]) -> RunSpec:
       eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
       keep_checkpoints=t.keep_checkpoints,
       config=config_lib.resolved_config(config), init_from=init_from,
-      num_domains=_num_domains(config))
+      num_domains=_num_domains(config),
+      token_vocab=(model_config.model_vocab_size(config)
+                   if config.model.moe.num_experts else 0))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -124,21 +124,53 @@ def expert_domain_counts(model: nn.Module, variables: Any,
     {layer: [2, E, N] float32}: [0] the counts, [1] the rolled-domain ones.
   """
   b, l = inputs.shape
+  labels = jnp.broadcast_to(domain[:, None], (b, l))
+  return expert_label_counts(model, variables, inputs, padding_mask,
+                             {'domain': (labels, num_domains)})['domain']
+
+
+def expert_label_counts(model: nn.Module, variables: Any,
+                        inputs: jax.Array, padding_mask: Optional[jax.Array],
+                        labels: Mapping[str, tuple]
+                        ) -> dict[str, dict[str, jax.Array]]:
+  """Joint counts of (top-1 expert, per-token label), from one forward pass.
+
+  E.g. labels {'domain': (domain broadcast to [B, L], N), 'token': (inputs,
+  V)}: the domain and the token-id specialisation of every token-choice
+  layer. Row 1 of each count is the chance level: the labels rolled by one
+  sequence within the batch (the label marginal kept, the pairing broken).
+  Padding and labels outside [0, N) are not counted. Counts are scatter-adds
+  (no [B, L, N] one-hot), so N may be a large vocabulary.
+
+  Args:
+    model: see `routing_outputs`.
+    variables: {'params': ..., other collections}.
+    inputs: [B, L] int32 token ids.
+    padding_mask: [B, L] bool (True = padding) or None.
+    labels: {name: ([B, L] int labels, N a static bound)}.
+
+  Returns:
+    {name: {layer: [2, E, N] float32}}.
+  """
+  b, l = inputs.shape
   _, intermediates = _apply_captured(model, variables, inputs, padding_mask)
   valid = (jnp.ones((b, l), jnp.float32) if padding_mask is None
            else (~padding_mask).astype(jnp.float32))
-  domains = jnp.stack([domain, jnp.roll(domain, 1)])  # [2, B]
-  onehot_d = jax.nn.one_hot(domains, num_domains)  # [2, B, N]; < 0 -> 0
-  counts = {}
+  out = {name: {} for name in labels}
   for layer, _, (decision, *rest) in _router_decisions(intermediates):
     if not hasattr(decision, 'expert_index') or (
         rest and EXPERT_CHOICE_KEY in rest[-1]):
       continue  # soft / expert-choice routing: no per-token first choice
-    onehot_e = jax.nn.one_hot(_top1(decision, b, l), decision.num_experts)
-    counts[layer] = jnp.einsum(  # exact: 0/1 products, float32 sums
-        'BLE,BL,RBN->REN', onehot_e, valid, onehot_d,
-        precision=jax.lax.Precision.HIGHEST)
-  return counts
+    top1 = _top1(decision, b, l)  # [B, L]
+    for name, (label, n) in labels.items():
+      rows = jnp.stack([label, jnp.roll(label, 1, axis=0)])  # [2, B, L]
+      ok = (rows >= 0) & (rows < n)
+      weight = valid[None] * ok.astype(jnp.float32)
+      counts = jnp.zeros((2, decision.num_experts, n), jnp.float32)
+      out[name][layer] = counts.at[
+          jnp.arange(2)[:, None, None], top1[None],
+          jnp.where(ok, rows, 0)].add(weight)
+  return out
 
 
 def scores_from_counts(counts: Sequence[Mapping[str, np.ndarray]]

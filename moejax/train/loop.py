@@ -130,21 +130,24 @@ def evaluate(eval_step, params: Any,
     step's expert x domain counts, the specialisation entries of
     `specialisation_record`}.
   """
-  outs, counts = [], []
+  outs, counts, token_counts = [], [], []
+  prefixes = (step_lib.SPEC_PREFIX, step_lib.TOKEN_SPEC_PREFIX)
   for b in batches:
     metrics = eval_step(params, b['tokens'], model_state, b.get('domain'))
     outs.append(metrics_lib.to_python(
         {k: v for k, v in metrics.items()
-         if not k.startswith(('moe/', step_lib.SPEC_PREFIX))}))
-    counts.append(jax.device_get(
-        {k[len(step_lib.SPEC_PREFIX):]: v for k, v in metrics.items()
-         if k.startswith(step_lib.SPEC_PREFIX)}))
+         if not k.startswith(('moe/',) + prefixes)}))
+    for prefix, into in zip(prefixes, (counts, token_counts)):
+      into.append(jax.device_get(
+          {k[len(prefix):]: v for k, v in metrics.items()
+           if k.startswith(prefix)}))
   count = max(sum(o['tokens'] for o in outs), 1.0)
   record = {'step': int(step),
             'eval/loss': sum(o['nll_sum'] for o in outs) / count}
   for key in EVAL_MEAN_KEYS:
     record[f'eval/{key}'] = float(np.mean([o[key] for o in outs]))
   record.update(specialisation_record(counts))
+  record.update(specialisation_record(token_counts, 'token_specialisation'))
   if 'correct' in outs[0]:  # a classifier: no next-token floor applies
     record['eval/accuracy'] = sum(o['correct'] for o in outs) / count
     return record
@@ -155,18 +158,20 @@ def evaluate(eval_step, params: Any,
   return record
 
 
-def specialisation_record(counts: Sequence[Mapping[str, np.ndarray]]
-                          ) -> dict[str, float]:
-  """'eval/specialisation[/<layer>]' and 'eval/specialisation_chance' (means
-  over MoE layers) from per-batch {layer: [2, E, N]} expert x domain counts
-  (`analysis.capture.scores_from_counts`); {} without counts."""
+def specialisation_record(counts: Sequence[Mapping[str, np.ndarray]],
+                          name: str = 'specialisation') -> dict[str, float]:
+  """'eval/<name>[/<layer>]' and 'eval/<name>_chance' (means over MoE
+  layers) from per-batch {layer: [2, E, N]} expert x label counts
+  (`analysis.capture.scores_from_counts`); {} without counts. name
+  'specialisation': labels are domains; 'token_specialisation': input
+  token ids."""
   scores = capture_lib.scores_from_counts(counts)
   if not scores:
     return {}
-  record = {f'eval/specialisation/{k}': v['nmi'] for k, v in scores.items()}
-  record['eval/specialisation'] = float(np.mean(
+  record = {f'eval/{name}/{k}': v['nmi'] for k, v in scores.items()}
+  record[f'eval/{name}'] = float(np.mean(
       [v['nmi'] for v in scores.values()]))
-  record['eval/specialisation_chance'] = float(np.mean(
+  record[f'eval/{name}_chance'] = float(np.mean(
       [v['chance'] for v in scores.values()]))
   return record
 
@@ -348,7 +353,8 @@ def _make_loop(model, spec: RunSpec, optimizer, learning_rate_fn, mesh,
           model, optimizer, seed=spec.seed,
           learning_rate_fn=learning_rate_fn, **losses, **on_mesh),
       eval_step=step_lib.make_eval_step(
-          model, num_domains=spec.num_domains, **losses, **on_mesh),
+          model, num_domains=spec.num_domains,
+          token_vocab=spec.token_vocab, **losses, **on_mesh),
       eval_data=place.eval_batches(eval_data), checkpointer=checkpointer,
       guard=_FiniteGuard(checkpointer),
       writer=(metrics_lib.MetricsWriter(spec.workdir, start_step=start)

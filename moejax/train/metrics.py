@@ -303,8 +303,10 @@ class Progress:
       fields = {'loss': f'{record["train/loss"]:.4f}',
                 'tok/s': f'{record.get("train/tokens_per_sec", 0):.0f}'}
     else:
+      # Means only: per-layer values ('eval/x/block_i') stay in the files.
       fields = {k.split('/', 1)[1]: f'{v:.4f}' for k, v in record.items()
-                if k.startswith('eval/') and not isinstance(v, list)}
+                if k.startswith('eval/') and k.count('/') == 1 and
+                not isinstance(v, list)}
     text = ' '.join(f'{k} {v}' for k, v in fields.items())
     if self._bar is not None:
       if 'train/loss' in record:

@@ -43,6 +43,9 @@ class RunSpec:
       checkpoints: a resume).
     num_domains: N > 0: eval batches carry 'domain' ids in [0, N) and each
       eval records the specialisation score of every token-choice MoE layer.
+    token_vocab: V > 0: each eval also records every token-choice MoE
+      layer's token specialisation, the NMI of its top-1 expert with the
+      input token id (ids in [0, V)), and its chance level.
     progress_bar: a tqdm bar; None: whether stderr is a terminal.
   """
   workdir: str
@@ -58,6 +61,7 @@ class RunSpec:
   config: Optional[Mapping[str, Any]] = None
   init_from: Optional[str] = None
   num_domains: int = 0
+  token_vocab: int = 0
   progress_bar: Optional[bool] = None
 
   def __post_init__(self):
@@ -65,7 +69,7 @@ class RunSpec:
       raise ValueError(f'RunSpec.workdir={self.workdir!r}; allowed: a '
                        'non-empty directory path.')
     for name in ('steps', 'log_every', 'eval_every', 'checkpoint_every',
-                 'num_domains'):
+                 'num_domains', 'token_vocab'):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ValueError(f'RunSpec.{name}={value!r}; allowed: an int >= 0.')

@@ -44,6 +44,7 @@ from moejax.train.state import TrainState
 Metrics = dict[str, jax.Array]
 # Eval-step entries 'spec_counts/<layer>': [2, E, N] expert x domain counts.
 SPEC_PREFIX = 'spec_counts/'
+TOKEN_SPEC_PREFIX = 'token_counts/'  # (top-1 expert, input token id) counts
 
 
 def step_rng(seed, step: jax.Array) -> jax.Array:
@@ -327,7 +328,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
 def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
                    z_loss_weight: float = 0.0, pad_id: Optional[int] = None,
-                   num_domains: int = 0,
+                   num_domains: int = 0, token_vocab: int = 0,
                    mesh: Optional[jax.sharding.Mesh] = None,
                    state_shardings: Optional[TrainState] = None
                    ) -> Callable[..., Metrics]:
@@ -341,6 +342,9 @@ def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
     num_domains: N > 0: also count each MoE layer's (top-1 expert, domain)
       pairs for the specialisation score (`SPEC_PREFIX` entries, see
       `analysis.capture.expert_domain_counts`); 0: do not.
+    token_vocab: V > 0: also count each MoE layer's (top-1 expert, input
+      token id) pairs, ids in [0, V) (`TOKEN_SPEC_PREFIX` entries
+      [2, E, V], see `analysis.capture.expert_label_counts`); 0: do not.
     mesh: the device mesh, or None (see make_train_step).
     state_shardings: with mesh, the TrainState of NamedShardings; params
       and model_state must come with its `params` / `model_state` ones,
@@ -350,7 +354,8 @@ def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
   Returns:
     step(params, tokens [B, L + 1], model_state=None, labels=None) -> the
     compute_loss metrics of the batch, plus with num_domains
-    'spec_counts/<layer>' [2, E, N]; model_state (the TrainState's) is read
+    'spec_counts/<layer>' [2, E, N] (with token_vocab 'token_counts/<layer>'
+    [2, E, V]); model_state (the TrainState's) is read
     only; labels [B] are the domain ids (a classifier's targets).
   """
   classify = getattr(model, 'task', 'lm') == 'classify'
@@ -364,12 +369,19 @@ def make_eval_step(model: nn.Module, *, aux_loss_weight: float = 0.0,
                            z_loss_weight=z_loss_weight, pad_id=pad_id,
                            model_state=model_state,
                            labels=domain if classify else None)[1]
+    inputs, _, _, padding_mask = split_tokens(tokens, pad_id)
+    labels = {}
     if num_domains and domain is not None:
-      inputs, _, _, padding_mask = split_tokens(tokens, pad_id)
-      counts = capture_lib.expert_domain_counts(
+      labels[SPEC_PREFIX] = (jnp.broadcast_to(domain[:, None], inputs.shape),
+                             num_domains)
+    if token_vocab:
+      labels[TOKEN_SPEC_PREFIX] = (inputs, token_vocab)
+    if labels:
+      counts = capture_lib.expert_label_counts(
           model, {'params': params, **dict(model_state or {})}, inputs,
-          padding_mask, domain, num_domains)
-      metrics.update({SPEC_PREFIX + k: v for k, v in counts.items()})
+          padding_mask, labels)
+      for prefix, by_layer in counts.items():
+        metrics.update({prefix + k: v for k, v in by_layer.items()})
     return metrics
 
   jitted = _jit(eval_step, mesh, (

@@ -128,3 +128,30 @@ def test_counts_skip_padding_and_unknown_domains(setup):
           expected[row, experts['block_0'][i, j], dom[i]] += 1
   np.testing.assert_array_equal(c, expected)
   assert c[0].sum() == valid[[0, 2, 3]].sum() < 3 * L  # padding left out
+
+
+def test_token_specialisation_in_eval_matches_a_direct_nmi(setup):
+  # The in-eval token specialisation (top-1 expert x input token id,
+  # scatter-added counts) equals the NMI computed directly from the captured
+  # top-1 experts and the input ids; its chance level pairs each sequence's
+  # experts with its batch neighbour's tokens. Padding is not counted.
+  from moejax.train import loop
+  from moejax.train import step as step_lib
+  model, params, batches = setup
+  batches = [dict(b, optimal_nll=np.zeros(B)) for b in batches]
+  pad_id = int(batches[0]['tokens'][1, 3])
+  eval_step = step_lib.make_eval_step(model, token_vocab=V, pad_id=pad_id)
+  record = loop.evaluate(eval_step, params, batches, step=3)
+  experts, valid, _ = capture.routing_outputs(model, params, batches, pad_id)
+  inputs = np.concatenate([b['tokens'][:, :-1] for b in batches])  # [2B, L]
+  rolled = np.concatenate([np.roll(b['tokens'][:, :-1], 1, axis=0)
+                           for b in batches])
+  top1 = experts['block_0']
+  assert not valid.all()  # some padding to leave out
+  want = info.normalized_mutual_information(top1[valid], inputs[valid])
+  chance = info.normalized_mutual_information(top1[valid], rolled[valid])
+  assert record['eval/token_specialisation/block_0'] == pytest.approx(
+      want, abs=1e-12)
+  assert record['eval/token_specialisation_chance'] == pytest.approx(
+      chance, abs=1e-12)
+  assert want != pytest.approx(chance)
