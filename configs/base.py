@@ -83,7 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       log_every=25, eval_every=100, checkpoint_every=100,
       keep_checkpoints=2, eval_batches=4))
   c.data = ml_collections.ConfigDict(dict(
-      name='synthetic_mixture',  # | 'local_text' | a prepared TFDS name
+      # | 'local_text' | 'python_stdlib' (this Python's standard library,
+      # byte tokens, 8 domains: moejax/data/stdlib_text.py) | a prepared
+      # TFDS name
+      name='synthetic_mixture',
       data_dir=None, seq_len=64,
       example_len=65,  # stored tokens per example (>= seq_len + 1)
       train_split='train', eval_split='validation',
@@ -93,8 +96,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       # local_text: glob of text files; TFDS: text feature name
       pattern='', text_key='text',
       pad_id=None,  # token id ignored by the loss (e.g. 0 for TFDS text)
-      # synthetic_mixture: keep only these domain ids in both splits ([]:
-      # all), e.g. pretrain on some domains and fine-tune on the others.
+      # synthetic_mixture / python_stdlib: keep only these domain ids in
+      # both splits ([]: all), e.g. pretrain on some domains and fine-tune
+      # on the others.
       domains=[]))
   c.model = ml_collections.ConfigDict(dict(
       # 'lm': decoder TransformerLM (next token); 'classify': bidirectional
@@ -141,7 +145,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # priority='score' lets a token's routing see later tokens: a causal
       # LM refuses it unless this is True.
       allow_noncausal_routing=False,
-      aux_loss_weight=0.01, z_loss_weight=0.0))
+      aux_loss_weight=0.01, z_loss_weight=0.0,
+      # The load-balance loss per routing group ('group': Switch) or over
+      # the step's whole global batch ('batch': Qiu et al. 2025).
+      aux_loss_scope='group'))
   # Where step 0's params come from: '' = a fresh init from `seed`; a
   # moejax work dir = its latest good checkpoint's params and model state
   # (not its optimizer state; the run starts at step 0). Only a run without

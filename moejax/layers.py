@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from moejax import capacity as capacity_lib
 from moejax import dispatch as dispatch_lib
 from moejax import expert_choice
+from moejax import losses
 from moejax import lora as lora_lib
 from moejax import routing
 from moejax import soft_moe
@@ -68,7 +69,8 @@ TOPK_ONLY = (('top_k', 1), ('priority', 'choice'),
              ('second_expert_policy', 'all'), ('renormalize', False),
              ('routed_scaling', 1.0), ('jitter_eps', 0.0), ('num_groups', 1),
              ('topk_groups', None), ('group_score', 'top2_sum'),
-             ('bias_update_rate', 0.0), ('selection_bias', False))
+             ('bias_update_rate', 0.0), ('selection_bias', False),
+             ('aux_loss_scope', 'group'))
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -155,6 +157,8 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
     _check_positive_int('group_size', layer.group_size)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
   routing.check_choice('priority', layer.priority, routing.PRIORITIES)
+  routing.check_choice('aux_loss_scope', layer.aux_loss_scope,
+                       losses.AUX_LOSS_SCOPES)
   routing.check_choice('group_score', layer.group_score,
                        routing.GROUP_SCORES)
   routing.check_choice('second_expert_policy', layer.second_expert_policy,
@@ -210,6 +214,9 @@ class MoeLayer(nn.Module):
     selection_bias: keep a selection bias in 'moe_state' even with
       bias_update_rate 0: a fixed bias, read and never updated (an imported
       DeepSeek-V3 e_score_correction_bias).
+    aux_loss_scope: the load-balance loss per routing group ('group':
+      Switch, GShard) or over the whole batch ('batch': global-batch
+      balancing, Qiu et al. 2025; see losses.load_balance_loss).
     granularity: m, fine-grained experts (m*E experts of width F/m, m*K
       chosen; DeepSeekMoE).
     num_shared_experts: dense FFNs applied to every token, added to the
@@ -261,6 +268,7 @@ class MoeLayer(nn.Module):
   group_score: str = 'top2_sum'
   bias_update_rate: float = 0.0
   selection_bias: bool = False
+  aux_loss_scope: str = 'group'
   granularity: int = 1
   num_shared_experts: int = 0
   shared_d_ff: Optional[int] = None
@@ -341,7 +349,8 @@ class MoeLayer(nn.Module):
           jitter_eps=self.jitter_eps, num_groups=self.num_groups,
           topk_groups=self.topk_groups, group_score=self.group_score,
           bias_update_rate=self.bias_update_rate,
-          selection_bias=self.selection_bias, name='router')
+          selection_bias=self.selection_bias,
+          aux_loss_scope=self.aux_loss_scope, name='router')
     return router(xg, capacity, valid_g, deterministic)
 
   def _experts(self, kind: type = ExpertBank) -> nn.Module:

@@ -32,28 +32,53 @@ def choice_counts(decision: RoutingDecision, valid: jax.Array) -> jax.Array:
   return jnp.einsum('GSKE,GS->GE', onehot, valid.astype(jnp.float32))
 
 
-def load_balance_loss(probs: jax.Array, decision: RoutingDecision,
-                      valid: jax.Array) -> jax.Array:
-  """Switch load-balance loss `E * sum_e f_e * P_e`, per group, averaged.
+AUX_LOSS_SCOPES = ('group', 'batch')
 
-  f_e is the fraction of the group's (non-padding) token-choices that
-  selected e before capacity (all K choices count, so sum_e f_e = 1); P_e the
-  mean router probability of e. A perfectly balanced router gives 1.0.
+
+def load_balance_loss(probs: jax.Array, decision: RoutingDecision,
+                      valid: jax.Array, scope: str = 'group') -> jax.Array:
+  """Switch load-balance loss `E * sum_e f_e * P_e`.
+
+  f_e is the fraction of the (non-padding) token-choices that selected e
+  before capacity (all K choices count, so sum_e f_e = 1); P_e the mean
+  router probability of e. A perfectly balanced router gives 1.0.
   flaxformer's top-K variant is K times this value.
+
+  scope 'group' (Switch, GShard): f and P per group, the loss averaged over
+  the groups that have a valid token. 'batch' (global-batch balancing, Qiu
+  et al. 2025): f and P over every valid token of all G groups of the call,
+  i.e. the whole global batch of a step (on a mesh the sums run over the
+  data-parallel devices: the arrays are global), so a group may lean on a
+  few experts as long as the batch is balanced. Example, E = 2, K = 1, two
+  groups of two tokens: group 0 picks expert 0 twice with probs (0.9, 0.1),
+  (0.8, 0.2); group 1 picks expert 1 twice with (0.3, 0.7), (0.4, 0.6):
+  'group' = mean(2 * 0.85, 2 * 0.65) = 1.5; 'batch' = 2 * (0.5 * 0.6 + 0.5 *
+  0.4) = 1.0.
 
   Args:
     probs: [G, S, E] router probabilities.
     decision: the routing decision (its expert_index is used).
     valid: [G, S] bool.
+    scope: 'group' | 'batch'.
 
   Returns:
-    Scalar float32; groups with no valid token are left out of the mean.
+    Scalar float32.
   """
+  if scope not in AUX_LOSS_SCOPES:
+    raise ValueError(f'aux_loss_scope={scope!r} is not supported; allowed '
+                     f'values: {", ".join(map(repr, AUX_LOSS_SCOPES))}.')
   k = decision.expert_index.shape[-1]
   valid_f = valid.astype(jnp.float32)
+  counts = choice_counts(decision, valid)  # [G, E]
+  mass = jnp.einsum('GSE,GS->GE', probs, valid_f)  # [G, E]
   tokens = valid_f.sum(-1)  # [G]
-  f = choice_counts(decision, valid) / jnp.maximum(tokens * k, 1)[:, None]
-  p = jnp.einsum('GSE,GS->GE', probs, valid_f) / jnp.maximum(tokens, 1)[:, None]
+  if scope == 'batch':
+    total = tokens.sum()
+    f = counts.sum(0) / jnp.maximum(total * k, 1)
+    p = mass.sum(0) / jnp.maximum(total, 1)
+    return decision.num_experts * jnp.sum(f * p)
+  f = counts / jnp.maximum(tokens * k, 1)[:, None]
+  p = mass / jnp.maximum(tokens, 1)[:, None]
   per_group = decision.num_experts * jnp.sum(f * p, axis=-1)  # [G]
   has_tokens = (tokens > 0).astype(jnp.float32)
   return jnp.sum(per_group * has_tokens) / jnp.maximum(has_tokens.sum(), 1)

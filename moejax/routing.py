@@ -355,7 +355,9 @@ class Router(nn.Module):
   whole (global) batch; otherwise the bias is only read.
 
   aux holds `aux_loss` (Switch load balance; with sigmoid scores and one
-  group per sequence this is DeepSeek-V3's sequence-wise balance loss),
+  group per sequence this is DeepSeek-V3's sequence-wise balance loss;
+  `aux_loss_scope='batch'`: over the whole batch, see
+  `losses.load_balance_loss`),
   `z_loss` and the metrics of `moejax.losses.routing_metrics`.
   """
   num_experts: int
@@ -372,6 +374,7 @@ class Router(nn.Module):
   group_score: str = 'top2_sum'
   bias_update_rate: float = 0.0
   selection_bias: bool = False
+  aux_loss_scope: str = 'group'
   # Switch Transformer: truncated normal with scale 0.1 / fan_in.
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
       0.1, 'fan_in', 'truncated_normal')
@@ -413,7 +416,8 @@ class Router(nn.Module):
         num_groups=self.num_groups, topk_groups=self.topk_groups,
         group_score=self.group_score)
     probs = losses.expert_probs(scores, self.score_fn)
-    aux = {'aux_loss': losses.load_balance_loss(probs, decision, valid),
+    aux = {'aux_loss': losses.load_balance_loss(probs, decision, valid,
+                                                self.aux_loss_scope),
            'z_loss': losses.z_loss(logits, valid)}
     aux.update(losses.routing_metrics(probs, decision, valid))
     if (bias is not None and self.bias_update_rate > 0 and

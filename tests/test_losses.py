@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +78,42 @@ def test_expert_probs_sum_to_one(score_fn):
   probs = losses.expert_probs(routing.scores_from_logits(logits, score_fn),
                               score_fn)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_batch_scope_balance_loss_hand_case():
+  # E = 2, K = 1. Group 0 picks expert 0 twice, probs (0.9, 0.1), (0.8, 0.2),
+  # and has a third, padding token that picks expert 1 with (0, 1); group 1
+  # picks expert 1 twice with (0.3, 0.7), (0.4, 0.6).
+  #   'group': f0 = (1, 0), P0 = (0.85, 0.15) -> 2 * 0.85 = 1.7;
+  #            f1 = (0, 1), P1 = (0.35, 0.65) -> 2 * 0.65 = 1.3; mean 1.5.
+  #   'batch': f = (2/4, 2/4), P = (2.4/4, 1.6/4) = (0.6, 0.4)
+  #            -> 2 * (0.5 * 0.6 + 0.5 * 0.4) = 1.0.
+  probs = jnp.array([[[0.9, 0.1], [0.8, 0.2], [0.0, 1.0]],
+                     [[0.3, 0.7], [0.4, 0.6], [0.4, 0.6]]])
+  valid = jnp.array([[True, True, False], [True, True, False]])
+  d = routing.route_top_k(probs, k=1, capacity=3)  # the argmax choices
+  np.testing.assert_array_equal(d.expert_index[..., 0], [[0, 0, 1],
+                                                         [1, 1, 1]])
+  assert float(losses.load_balance_loss(probs, d, valid)) == pytest.approx(
+      1.5)
+  assert float(losses.load_balance_loss(probs, d, valid, 'batch')
+               ) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="aux_loss_scope='micro'"):
+    losses.load_balance_loss(probs, d, valid, 'micro')
+
+
+def test_batch_scope_reaches_the_layer():
+  # One group (G = 1): both scopes agree; two groups whose routing differs:
+  # they do not, so MoeLayer really passes aux_loss_scope on.
+  import moejax  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8))
+  values = {}
+  for scope in losses.AUX_LOSS_SCOPES:
+    for group_size in (16, None):  # one group of 16; two of 8
+      layer = moejax.MoeLayer(num_experts=4, d_ff=8, aux_loss_scope=scope,
+                              group_size=group_size)
+      variables = layer.init(jax.random.key(1), x)
+      values[scope, group_size] = float(layer.apply(variables, x)[1][
+          'aux_loss'])
+  assert values['batch', 16] == pytest.approx(values['group', 16])
+  assert abs(values['batch', None] - values['group', None]) > 1e-4

@@ -206,6 +206,32 @@ def test_ragged_dispatcher_on_a_mesh_matches_one_device():
                                err_msg=f'gather {path}')
 
 
+def test_batch_scope_balance_loss_on_meshes_matches_one_device():
+  # Global-batch balancing (aux_loss_scope='batch'): f and P are sums over
+  # all 8 groups, which the meshes split over their data-parallel devices;
+  # the loss and its gradients must be those of one device (and differ
+  # from the per-group loss here, so the scope is really applied).
+  x, _, params = _inputs()
+  layer = _layer('gather').clone(aux_loss_scope='batch')
+  grad = jax.jit(jax.value_and_grad(
+      lambda p, x: layer.apply({'params': p}, x)[1]['aux_loss']))
+  want, g_want = grad(params['gather'], x)
+  per_group = _layer('gather').apply({'params': params['gather']}, x)[1]
+  assert abs(float(want) - float(per_group['aux_loss'])) > 1e-3
+  for shape in ((8, 1, 1), (2, 4, 1)):
+    mesh = sharding.make_mesh(*shape)
+    with jax.set_mesh(mesh):
+      got, g_got = jax.block_until_ready(grad(
+          jax.device_put(params['gather'],
+                         sharding.tree_shardings(params['gather'], mesh)),
+          jax.device_put(x, sharding.batch_sharding(mesh))))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6,
+                               err_msg=str(shape))
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                                 err_msg=str(shape))
+
+
 def _dummy_decision(g, s, k, e, c):
   """A fixed RoutingDecision: choice j of token t goes to (3t + j + g) % E,
   slots in choice-major order, gates 0.5 / 0.25 (exact in float)."""

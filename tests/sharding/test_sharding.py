@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
 CHECKS = [os.path.join('tests', 'sharding', name)
           for name in ('multidevice_checks.py', 'trainer_checks.py')]
 # Tests in CHECKS, parametrized cases counted: 16 layer + 6 trainer.
-NUM_CHECKS = 22
+NUM_CHECKS = 23
 
 
 def test_multidevice_checks():
