@@ -70,6 +70,21 @@ def _train(workdir: str, config: str, *extra: str) -> float:
 
 
 def evaluate_on(workdir: str, domains: Optional[list] = None) -> dict:
+  """`evaluate_here` in a fresh process (this one may have imported older
+  code than the runs it evaluates: a long sweep outlives edits)."""
+  cmd = [sys.executable, '-m', 'experiments.finetune_baselines',
+         '--evaluate', workdir]
+  if domains is not None:
+    cmd += ['--domains', ','.join(map(str, domains))]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        check=False)
+  if proc.returncode:
+    raise RuntimeError(f'{shlex.join(cmd)} exited {proc.returncode}:\n'
+                       f'{(proc.stdout + proc.stderr)[-3000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def evaluate_here(workdir: str, domains: Optional[list] = None) -> dict:
   """The eval record of `workdir`'s newest checkpoint on its config's eval
   batches, restricted to `domains` if given (the synthetic mixture)."""
   config = workdir_config.load_stored_config(workdir)
@@ -86,6 +101,18 @@ def evaluate_on(workdir: str, domains: Optional[list] = None) -> dict:
 
 
 def trainable(workdir: str) -> tuple[int, int, float]:
+  """`trainable_here` in a fresh process (see `evaluate_on`)."""
+  cmd = [sys.executable, '-m', 'experiments.finetune_baselines',
+         '--trainable', workdir]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        check=False)
+  if proc.returncode:
+    raise RuntimeError(f'{shlex.join(cmd)} exited {proc.returncode}:\n'
+                       f'{(proc.stdout + proc.stderr)[-3000:]}')
+  return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def trainable_here(workdir: str) -> tuple[int, int, float]:
   """(params that train, all params, optimizer-state MiB) of a run."""
   config = workdir_config.load_stored_config(workdir)
   rows = finetune_setup.load_expert_rows(workdir)
@@ -174,11 +201,27 @@ def _commit() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one part and writes results/<part>_<size>.md and .json."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--part', choices=PARTS, required=True)
+  parser.add_argument('--part', choices=PARTS)
+  parser.add_argument('--evaluate', metavar='WORKDIR', help=argparse.SUPPRESS)
+  parser.add_argument('--trainable', metavar='WORKDIR',
+                      help=argparse.SUPPRESS)
+  parser.add_argument('--domains', default=None, help=argparse.SUPPRESS)
   parser.add_argument('--size', choices=SIZES, default='small')
   parser.add_argument('--workdir', default='runs/baselines')
   parser.add_argument('--results', default=os.path.join(REPO, 'results'))
   args = parser.parse_args(argv)
+  if args.evaluate:  # internal: one JSON line (see evaluate_on)
+    domains = (None if args.domains is None else
+               [int(d) for d in args.domains.split(',')])
+    record = evaluate_here(args.evaluate, domains)
+    print(json.dumps({k: v for k, v in record.items()
+                      if isinstance(v, (int, float))}))
+    return 0
+  if args.trainable:
+    print(json.dumps(list(trainable_here(args.trainable))))
+    return 0
+  if args.part is None:
+    parser.error('--part is required')
   root = os.path.abspath(os.path.join(args.workdir,
                                       f'{args.part}_{args.size}'))
   start = time.time()
