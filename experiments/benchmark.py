@@ -36,14 +36,14 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import cli
 import moejax
 from moejax import capacity as capacity_lib
 from moejax import routing
@@ -63,7 +63,8 @@ DEFAULT_SIZES = {
 
 @dataclasses.dataclass
 class Settings:
-  """Everything a run measures; see the flags for the meaning of each."""
+  """Everything a run measures: one field per flag of the same name (see
+  `python -m experiments.benchmark --help` for the meaning of each)."""
   dispatchers: Sequence[str] = ('einsum', 'gather', 'ragged')
   num_experts: Sequence[int] = (8, 64, 256)
   top_k: Sequence[int] = (1, 2)
@@ -86,57 +87,6 @@ class Settings:
 QUICK = dict(num_experts=(4, 8), top_k=(1, 2), tokens=512, d_model=64,
              d_ff=128, group_size=256, repeats=2, matmul_size=1024,
              model_sizes=('tiny',), model_steps=2)
-
-_DISPATCHERS = flags.DEFINE_list('dispatchers', ['einsum', 'gather', 'ragged'],
-                                 'Dispatchers to time (missing ones are '
-                                 'reported as skipped).')
-_E = flags.DEFINE_list('num_experts', ['8', '64', '256'], 'E values.')
-_K = flags.DEFINE_list('top_k', ['1', '2'], 'K values.')
-_TOKENS = flags.DEFINE_integer('tokens', 8192, 'T, tokens per layer call.')
-_D = flags.DEFINE_integer('d_model', 512, 'D.')
-_F = flags.DEFINE_integer('d_ff', 2048, 'F, hidden width of one expert.')
-_S = flags.DEFINE_integer('group_size', 4096, 'S, tokens per routing group '
-                          '(capped at --tokens).')
-_CF = flags.DEFINE_float('capacity_factor', 1.25, 'Training capacity factor.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per row.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', list(DTYPES),
-                           'Compute dtype (params stay float32).')
-_MATMUL = flags.DEFINE_integer('matmul_size', 0, 'N of the peak matmul; 0: '
-                               '2048 on CPU, 8192 on accelerators.')
-_SIZES = flags.DEFINE_list('model_sizes', ['tiny', 'small'], 'Model sizes.')
-_KINDS = flags.DEFINE_list('model_kinds', list(MODEL_KINDS),
-                           f'Models, among {", ".join(MODEL_KINDS)}.')
-_STEPS = flags.DEFINE_integer('model_steps', 5, 'Train steps per timed call.')
-_QUICK = flags.DEFINE_boolean('quick', False, 'Tiny grid for a smoke test; '
-                              'flags given explicitly still apply.')
-_PROFILE = flags.DEFINE_boolean(
-    'profile', False, 'Also time the router, dispatch, experts and combine '
-    'of every layer row on their own (fwd+bwd each): `profile` rows.')
-_SKIP_LAYER = flags.DEFINE_boolean('skip_layer', False, 'No layer rows.')
-_SKIP_MODEL = flags.DEFINE_boolean('skip_model', False, 'No model rows.')
-_JSON = flags.DEFINE_string('json', None, 'Write {"machine", "rows"} here.')
-
-_FLAG_FIELDS = {'dispatchers': (_DISPATCHERS, str),
-                'num_experts': (_E, int), 'top_k': (_K, int),
-                'tokens': (_TOKENS, None), 'd_model': (_D, None),
-                'd_ff': (_F, None), 'group_size': (_S, None),
-                'capacity_factor': (_CF, None), 'repeats': (_REPEATS, None),
-                'dtype': (_DTYPE, None), 'matmul_size': (_MATMUL, None),
-                'model_sizes': (_SIZES, str), 'model_kinds': (_KINDS, str),
-                'model_steps': (_STEPS, None),
-                'profile': (_PROFILE, None), 'skip_layer': (_SKIP_LAYER, None),
-                'skip_model': (_SKIP_MODEL, None)}
-
-
-def settings_from_flags() -> Settings:
-  """Settings from the parsed flags; --quick changes the defaults only."""
-  settings = Settings(**(QUICK if _QUICK.value else {}))
-  for field, (holder, cast) in _FLAG_FIELDS.items():
-    if _QUICK.value and not flags.FLAGS[holder.name].present:
-      continue
-    value = holder.value
-    setattr(settings, field, tuple(map(cast, value)) if cast else value)
-  return settings
 
 
 # ------------------------------------------------------------------ timing
@@ -277,9 +227,12 @@ def _layer_flops(s: Settings, k: int, e: int = 0) -> int:
 
 
 def _group(s: Settings) -> int:
+  """S: --group_size capped at --tokens; ValueError unless it divides T."""
   group = min(s.group_size, s.tokens)
   if s.tokens % group:
-    raise ValueError(f'group_size={group} must divide tokens={s.tokens}.')
+    raise ValueError(f'--group_size {group} is not allowed with --tokens '
+                     f'{s.tokens}; allowed values: a divisor of --tokens, '
+                     'or >= it')
   return group
 
 
@@ -652,23 +605,30 @@ def _log(row: dict) -> None:
 
 
 def check_settings(s: Settings) -> None:
-  """Raises ValueError on a bad setting, before anything is measured."""
+  """Raises ValueError on a bad setting, before anything is measured.
+
+  The message names the setting as its flag (`--top_k`) and the allowed
+  values. (An unknown dispatcher is not an error here: its rows are
+  'skipped'; the command line refuses it.)
+  """
   for name, values, allowed in (
-      ('model size', s.model_sizes, tuple(model_sizes())),
-      ('model kind', s.model_kinds, MODEL_KINDS),
+      ('model_sizes', s.model_sizes, tuple(model_sizes())),
+      ('model_kinds', s.model_kinds, MODEL_KINDS),
       ('dtype', (s.dtype,), tuple(DTYPES))):
     for value in values:
       if value not in allowed:
-        raise ValueError(f'{name} {value!r} is not one of '
-                         f'{", ".join(allowed)}.')
+        raise ValueError(f'--{name} {value!r} is not allowed; allowed '
+                         f'values: {", ".join(allowed)}')
   for name in ('tokens', 'd_model', 'd_ff', 'group_size', 'repeats',
                'model_steps'):
     if getattr(s, name) < 1:
-      raise ValueError(f'{name} must be >= 1, got {getattr(s, name)}.')
+      raise ValueError(f'--{name} {getattr(s, name)} is not allowed; '
+                       'allowed values: an int >= 1')
   for k in s.top_k:
     for e in s.num_experts:
       if not 1 <= k <= e:
-        raise ValueError(f'top_k={k} must be in [1, num_experts={e}].')
+        raise ValueError(f'--top_k {k} is not allowed with --num_experts '
+                         f'{e}; allowed values: 1 <= K <= every E')
   _group(s)
 
 
@@ -694,16 +654,127 @@ def run(settings: Settings, log: Callable = _log) -> dict:
   return {'machine': machine, 'rows': rows}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  report = run(settings_from_flags())
+# --------------------------------------------------------------------- CLI
+EPILOG = """\
+--dispatchers, --num_experts, --top_k, --model_sizes and --model_kinds take
+comma lists (--num_experts 8,64). --quick sets QUICK's value (a tiny grid)
+of every flag not given on the command line.
+
+exit codes:
+  0  done; a row that failed (e.g. out of memory) is a row with status
+     'error: ...', and the run goes on
+  2  a bad flag: one line `error: ...` on stderr naming the flag and the
+     allowed values, before anything is measured"""
+
+
+def _default_text(name: str) -> str:
+  """'default 8,64,256; --quick: 4,8' for the help of --<name>."""
+
+  def text(value):
+    return ','.join(map(str, value)) if isinstance(value, tuple) else value
+
+  out = f'default {text(getattr(Settings, name))}'
+  return out + (f'; --quick: {text(QUICK[name])}' if name in QUICK else '')
+
+
+def _settings_flags() -> tuple:
+  """(flag, argparse type, metavar, help) of every non-boolean Settings
+  field: the flags are the fields, and Settings holds their defaults."""
+  positive = cli.number(int, 'an int >= 1', lambda v: v >= 1)
+  ints = cli.comma_list(positive, 'ints >= 1')
+  sizes, kinds = tuple(model_sizes()), MODEL_KINDS
+  return (
+      ('dispatchers', cli.comma_list(cli.choice(moejax.DISPATCHER_NAMES),
+                                     ', '.join(moejax.DISPATCHER_NAMES)),
+       'NAME[,NAME...]', 'dispatchers to time'),
+      ('num_experts', ints, 'E[,E...]', 'E values'),
+      ('top_k', ints, 'K[,K...]', 'K values, each <= every E'),
+      ('tokens', positive, 'T', 'T, tokens per layer call'),
+      ('d_model', positive, 'D', 'D, model width'),
+      ('d_ff', positive, 'F', 'F, hidden width of one expert'),
+      ('group_size', positive, 'S', 'S, tokens per routing group, capped '
+       'at --tokens, which it must divide'),
+      ('capacity_factor', cli.number(float, 'a number > 0', lambda v: v > 0),
+       'CF', "training capacity factor ('ragged' rows are dropless)"),
+      ('repeats', positive, 'N', 'timed calls per row'),
+      ('dtype', cli.choice(tuple(DTYPES)), '{' + ','.join(DTYPES) + '}',
+       'compute dtype (params stay float32)'),
+      ('matmul_size', cli.number(int, 'an int >= 0', lambda v: v >= 0), 'N',
+       'N of the peak matmul; 0: 2048 on CPU, 8192 on accelerators'),
+      ('model_sizes', cli.comma_list(cli.choice(sizes), ', '.join(sizes)),
+       'SIZE[,SIZE...]', 'model sizes (configs/base.py)'),
+      ('model_kinds', cli.comma_list(cli.choice(kinds), ', '.join(kinds)),
+       'KIND[,KIND...]', 'models to train'),
+      ('model_steps', positive, 'N', 'train steps per timed call'),
+  )
+
+
+def build_parser() -> cli.Parser:
+  """The benchmark's flags: one per Settings field, --quick and --json.
+
+  Each Settings flag defaults to None (not given), so that parse_args can
+  tell a flag given on the command line from a default.
+  """
+  parser = cli.Parser(prog='python -m experiments.benchmark',
+                      description=__doc__, epilog=EPILOG)
+  for name, kind, metavar, text in _settings_flags():
+    parser.add_argument(f'--{name}', type=kind, metavar=metavar,
+                        help=f'{text}; {_default_text(name)}')
+  for name, text in (
+      ('profile', 'also time the router, dispatch, experts and combine of '
+                  'every layer row on their own (fwd+bwd each): `profile` '
+                  'rows'),
+      ('skip_layer', 'no layer rows'), ('skip_model', 'no model rows')):
+    parser.add_argument(f'--{name}', action='store_true', default=None,
+                        help=text)
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny grid for a smoke test (QUICK); flags given '
+                           'explicitly still apply')
+  parser.add_argument('--json', metavar='FILE',
+                      help='write {"machine", "rows"} here')
+  return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple:
+  """(Settings, --json path or None) from argv (None: sys.argv[1:]).
+
+  A flag not given keeps the Settings default, or with --quick QUICK's. A
+  bad value, or settings that check_settings refuses, exit with code 2 and
+  one `error:` line (cli.Parser).
+  """
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  settings = Settings(**(QUICK if args.quick else {}))
+  for field in dataclasses.fields(Settings):
+    if getattr(args, field.name) is not None:  # given on the command line
+      setattr(settings, field.name, getattr(args, field.name))
+  try:
+    check_settings(settings)
+  except ValueError as e:
+    quick = ' (--quick sets the flags not given)' if args.quick else ''
+    parser.error(f'{e}{quick}')
+  if args.json and not os.path.isdir(os.path.dirname(
+      os.path.abspath(args.json))):
+    parser.error(f'argument --json: the directory of {args.json!r} does not '
+                 'exist')
+  return settings, args.json
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the benchmark; returns 0 (a bad flag exits with code 2 first).
+
+  Args:
+    argv: arguments without the program name (None: sys.argv[1:]).
+  """
+  settings, json_path = parse_args(argv)
+  report = run(settings)
   machine = {k: v for k, v in report['machine'].items() if k != 'settings'}
   print(markdown(machine, report['rows']))
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
+  if json_path:
+    with open(json_path, 'w') as f:
       json.dump(report, f, indent=1)
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

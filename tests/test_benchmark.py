@@ -3,7 +3,9 @@
 One subprocess run of `python -m experiments.benchmark --quick` restricted
 to E=4, K in {1, 2}, the tiny dense and switch models; XLA's backend
 optimisations are off in it (compile time dominates a grid this small).
-The --profile rows are checked in-process on one (E, K).
+The --profile rows are checked in-process on one (E, K), and the command
+line (--quick's defaults, comma lists, one-line errors with exit code 2)
+through parse_args, without measuring anything.
 """
 
 import itertools
@@ -145,3 +147,74 @@ def test_profile_rows_in_process():
   text = benchmark.markdown({'backend': 'test'}, rows)
   assert sum(line.startswith('| gather | 4 | 2 |')
              for line in text.splitlines()) == len(rows)
+
+
+def test_no_flags_are_the_settings_defaults():
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  assert benchmark.parse_args([]) == (benchmark.Settings(), None)
+
+
+def test_every_setting_is_a_flag():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  dests = {a.dest for a in benchmark.build_parser()._actions}
+  assert {f.name for f in dataclasses.fields(benchmark.Settings)} <= dests
+
+
+def test_quick_sets_only_the_flags_not_given(tmp_path):
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'b.json')
+  settings, json_path = benchmark.parse_args([
+      '--quick', '--tokens', '8192', '--group_size=512', '--dispatchers',
+      'einsum,gather', '--num_experts', '4,16', '--skip_model', '--json',
+      out])
+  assert json_path == out
+  # Given: kept, even where equal to the non-quick default (tokens 8192).
+  assert (settings.tokens, settings.group_size) == (8192, 512)
+  assert settings.dispatchers == ('einsum', 'gather')
+  assert settings.num_experts == (4, 16) and settings.skip_model
+  # Not given: QUICK's value where it has one, else the Settings default.
+  assert (settings.d_model, settings.d_ff, settings.repeats) == (64, 128, 2)
+  assert settings.model_sizes == ('tiny',) and settings.matmul_size == 1024
+  assert settings.capacity_factor == 1.25 and not settings.profile
+  assert settings.model_kinds == ('dense', 'switch', 'gshard')
+
+
+@pytest.mark.parametrize('argv, flag, allowed', [
+    (['--dispatchers', 'einsum,sparse'], '--dispatchers',
+     'einsum, gather, ragged'),
+    (['--num_experts', '8,x'], '--num_experts', 'ints >= 1'),
+    (['--top_k', '1,'], '--top_k', 'ints >= 1'),
+    (['--num_experts', '2', '--top_k', '1,3'], '--top_k', '1 <= K <= every E'),
+    (['--quick', '--top_k', '8'], '--num_experts 4', '1 <= K <= every E'),
+    (['--tokens', '512', '--group_size', '200'], '--group_size',
+     'a divisor of --tokens'),
+    (['--dtype', 'float16'], '--dtype', 'float32, bfloat16'),
+    (['--model_sizes', 'huge'], '--model_sizes', 'tiny'),
+    (['--model_kinds', 'dense,moe'], '--model_kinds', 'switch, gshard'),
+    (['--capacity_factor', '-1'], '--capacity_factor', 'a number > 0'),
+    (['--repeats', '0'], '--repeats', 'an int >= 1'),
+    (['--json', '/nonexistent/dir/b.json'], '--json', 'does not exist'),
+    (['--quick', 'extra'], 'extra', 'unrecognized arguments'),
+])
+def test_bad_flag_is_one_line_and_exit_2(capsys, argv, flag, allowed):
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(argv)
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  lines = captured.err.splitlines()
+  assert len(lines) == 1, captured.err
+  assert lines[0].startswith('error: ') and lines[0].endswith('(see --help)')
+  assert flag in lines[0] and allowed in lines[0], lines[0]
+
+
+def test_help_says_what_and_exit_codes(capsys):
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(['--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert 'Speed of the MoE layer' in out and 'exit codes:' in out
+  assert 'E values; default 8,64,256; --quick: 4,8' in out
