@@ -170,3 +170,20 @@ def test_bad_init_and_finetune_keys_exit_2(config, extra, needle, upcycled,
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and needle.format(**names) in err, err
   assert not (workdir / 'checkpoints').exists()
+
+
+def test_freeze_bias_keeps_the_loss_free_bias(data_dir, tmp_path):
+  # configs/deepseek.py moves its loss-free balancing bias every step
+  # (bias_update_rate > 0, zeros at init); finetune.freeze_bias keeps it
+  # where it starts, while the params still train.
+  biases = {}
+  for frozen in (False, True):
+    workdir = str(tmp_path / f'frozen_{frozen}')
+    assert _run('deepseek', workdir, data_dir,
+                f'--config.finetune.freeze_bias={frozen}') == 0
+    _, variables = init_source.restore_init_variables(
+        workdir, init_source.saved_abstract(workdir))
+    biases[frozen] = [np.asarray(x) for x in
+                      jax.tree.leaves(variables['model_state'])]
+  assert biases[True] and all(not b.any() for b in biases[True])
+  assert any(b.any() for b in biases[False])
