@@ -43,7 +43,10 @@ from moejax import data as data_lib
 from moejax import sharding
 from moejax.train import optim
 
-BUILTIN_DATA = ('synthetic_mixture', 'local_text')
+BUILTIN_DATA = ('synthetic_mixture', 'local_text', 'python_stdlib')
+# Corpora with fixed domain ids: data.name -> domain names (id order). The
+# synthetic mixture's count is data.num_domains.
+CORPUS_DOMAINS = {'python_stdlib': data_lib.STDLIB_DOMAINS}
 SYNTHETIC_KEYS = ('num_domains', 'vocab_size', 'support', 'alpha', 'seed',
                   'example_len', 'num_train', 'num_eval')
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,18 +224,33 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ValueError(f'data (synthetic_mixture): {e}') from e
     check_split_sizes(config, d.num_train, d.num_eval)
-  domains = list(config_value(config, 'data.domains'))
-  _require('data.domains', domains, not domains or (
-      d.name == 'synthetic_mixture' and len(set(domains)) == len(domains)
-      and all(0 <= x < d.num_domains for x in domains)),
-      f'[] (all), or distinct domain ids in [0, data.num_domains='
-      f'{d.num_domains}) of data.name=\'synthetic_mixture\'')
+  _check_domains(config)
   if d.name == 'local_text':
     _require('data.pattern', d.pattern, bool(d.pattern),
              'a glob of text files (required for local_text)')
   if d.pad_id is not None:
     _require('data.pad_id', d.pad_id, 0 <= d.pad_id < vocab_size(config),
              f'None or a token id in [0, {vocab_size(config)})')
+
+
+def _check_domains(config: ml_collections.ConfigDict) -> None:
+  """data.domains: [] or distinct ids of a dataset with domain labels."""
+  d = config.data
+  domains = list(config_value(config, 'data.domains'))
+  if d.name in CORPUS_DOMAINS:
+    names = CORPUS_DOMAINS[d.name]
+    count = len(names)
+    where = (f'[0, {count}) of data.name={d.name!r} ('
+             + ', '.join(f'{i} {n}' for i, n in enumerate(names)) + ')')
+  else:
+    count = d.num_domains if d.name == 'synthetic_mixture' else 0
+    where = (f"[0, data.num_domains={d.num_domains}) of data.name="
+             f"'synthetic_mixture' or of "
+             + ', '.join(map(repr, CORPUS_DOMAINS)))
+  _require('data.domains', domains, not domains or (
+      count and len(set(domains)) == len(domains)
+      and all(0 <= x < count for x in domains)),
+      f'[] (all), or distinct domain ids in {where}')
 
 
 def check_split_sizes(config: ml_collections.ConfigDict, num_train: int,
@@ -419,6 +437,8 @@ def _source_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: d[k] for k in SYNTHETIC_KEYS}
   if d.name == 'local_text':
     return {'pattern': d.pattern, 'example_len': d.example_len}
+  if d.name == 'python_stdlib':  # this interpreter's stdlib
+    return {'example_len': d.example_len}
   return {'text_key': d.text_key, 'example_len': d.example_len,
           'pad': d.pad_id or 0}
 

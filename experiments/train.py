@@ -262,10 +262,13 @@ def build_mesh(config):
 
 def _num_domains(config) -> int:
   """N for the eval's specialisation score: the synthetic mixture's
-  domain count, 0 (no score) for data without domain ids."""
-  if config.data.name == 'synthetic_mixture' and config.model.moe.num_experts:
+  domain count, a labelled corpus's (python_stdlib: 8), 0 (no score) for
+  data without domain ids or a dense model."""
+  if not config.model.moe.num_experts:
+    return 0
+  if config.data.name == 'synthetic_mixture':
     return config.data.num_domains
-  return 0
+  return len(config_lib.CORPUS_DOMAINS.get(config.data.name, ()))
 
 
 def _sync(name: str) -> None:

@@ -15,7 +15,10 @@ only ``Tensor`` / ``Scalar`` features are used.
 
 Configs are parameterised: :func:`synthetic_mixture_config` and
 :func:`local_text_config` derive a deterministic config name from every
-setting, so different settings never collide in a ``data_dir``.
+setting, so different settings never collide in a ``data_dir``. Other
+modules add builders of the same features with :func:`register_builder`
+(``moejax.data.stdlib_text``: ``python_stdlib``, the running Python's
+standard library).
 
 :func:`load_source` / :func:`prepare_builder` build a dataset once, under
 ``<data_dir>/<name>/<config name>/<version>/``, and check it on every later
@@ -34,7 +37,7 @@ import hashlib
 import os
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -49,7 +52,8 @@ _CHUNK = 4096  # examples generated per vectorised numpy call
 _SPLIT_IDS = {'train': 1, 'validation': 2}
 
 
-def _features(example_len: int) -> tfds.features.FeaturesDict:
+def example_features(example_len: int) -> tfds.features.FeaturesDict:
+  """The features every builder here stores (see the module doc)."""
   return tfds.features.FeaturesDict({
       'tokens': tfds.features.Tensor(shape=(example_len,), dtype=np.int32),
       'domain': tfds.features.Scalar(dtype=np.int32),
@@ -136,7 +140,7 @@ class SyntheticMixtureBuilder(QuietBuild, tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Mixture of sparse random bigram languages.',
-        features=_features(c.example_len),
+        features=example_features(c.example_len),
         supervised_keys=None,
         disable_shuffling=True,  # Record i is example i.
     )
@@ -214,26 +218,37 @@ def local_text_config(pattern: str, **kwargs: Any) -> LocalTextConfig:
   return c
 
 
-def text_chunks(files: Sequence[str], example_len: int,
+def byte_chunks(documents: Sequence[bytes], example_len: int,
                 separator: int) -> np.ndarray:
-  """Concatenates files (each followed by ``separator``) into byte chunks.
+  """Concatenates documents (each followed by ``separator``) into chunks.
 
   Args:
-    files: paths, read as raw bytes in the given order.
+    documents: raw bytes, in the given order.
     example_len: L, bytes per chunk; the trailing partial chunk is dropped.
     separator: byte value appended after every document.
 
   Returns:
-    [num_chunks, L] int32 array of byte values 0..255.
+    [num_chunks, L] int32 array of byte values 0..255, num_chunks =
+    (sum of len(document) + 1) // L.
   """
-  parts = []
-  for path in files:
-    with open(path, 'rb') as f:
-      parts.append(f.read())
-    parts.append(bytes([separator]))
-  data = np.frombuffer(b''.join(parts), dtype=np.uint8)
+  sep = bytes([separator])
+  data = np.frombuffer(b''.join(d + sep for d in documents), dtype=np.uint8)
   num = data.size // example_len
   return data[:num * example_len].reshape(num, example_len).astype(np.int32)
+
+
+def text_chunks(files: Sequence[str], example_len: int,
+                separator: int) -> np.ndarray:
+  """:func:`byte_chunks` of files, read as raw bytes in the given order.
+
+  Returns:
+    [num_chunks, L] int32 array of byte values 0..255.
+  """
+  documents = []
+  for path in files:
+    with open(path, 'rb') as f:
+      documents.append(f.read())
+  return byte_chunks(documents, example_len, separator)
 
 
 class LocalTextBuilder(QuietBuild, tfds.core.GeneratorBasedBuilder):
@@ -257,7 +272,7 @@ class LocalTextBuilder(QuietBuild, tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description='Byte-level chunks of local text files.',
-        features=_features(self.builder_config.example_len),
+        features=example_features(self.builder_config.example_len),
         supervised_keys=None,
         disable_shuffling=True,  # Record i is example i.
     )
@@ -319,25 +334,54 @@ class ByteTextSource:
             'optimal_nll': np.float32(np.nan)}
 
 
+# name -> (builder class, config factory): the datasets built here.
+_BUILDERS: dict[str, tuple[type, Callable[..., tfds.core.BuilderConfig]]] = {
+    'synthetic_mixture': (SyntheticMixtureBuilder, synthetic_mixture_config),
+    'local_text': (LocalTextBuilder, local_text_config),
+}
+
+
+def register_builder(builder: type,
+                     make_config: Callable[..., tfds.core.BuilderConfig]
+                     ) -> None:
+  """Adds a locally built dataset to make_builder / prepare_builder /
+  load_source, under ``builder.name``.
+
+  Protocol: ``builder`` is a ``GeneratorBasedBuilder`` (with ``QuietBuild``)
+  storing :func:`example_features`, and ``make_config(**kwargs)``
+  returns its config named after every setting and the source content (so
+  changed settings or sources land in a new directory). A builder may list
+  ``CHECKED_FILES``: JSON files of its directory, besides the shards, that
+  :func:`prepare_builder` requires (else the directory is rebuilt).
+  """
+  _BUILDERS[builder.name] = (builder, make_config)
+
+
+def built_names() -> tuple[str, ...]:
+  """Names of the datasets built here (synthetic_mixture, local_text, ...)."""
+  return tuple(_BUILDERS)
+
+
 def _class_and_config(name: str, builder_kwargs: dict[str, Any]):
-  """(builder class, BuilderConfig) of 'synthetic_mixture' / 'local_text'."""
-  if name == 'synthetic_mixture':
-    return SyntheticMixtureBuilder, synthetic_mixture_config(**builder_kwargs)
-  if name == 'local_text':
-    return LocalTextBuilder, local_text_config(**builder_kwargs)
-  raise ValueError(f'name must be synthetic_mixture or local_text, got '
-                   f'{name!r}')
+  """(builder class, BuilderConfig) of a registered dataset name."""
+  if name not in _BUILDERS:
+    raise ValueError(f'name must be one of {", ".join(_BUILDERS)}, got '
+                     f'{name!r}')
+  cls, make_config = _BUILDERS[name]
+  return cls, make_config(**builder_kwargs)
 
 
 def make_builder(name: str, data_dir: str,
                  **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
-  """Returns the ``synthetic_mixture`` or ``local_text`` builder (unbuilt).
+  """Returns the builder of a dataset built here (unbuilt).
 
   Args:
-    name: 'synthetic_mixture' or 'local_text'.
+    name: 'synthetic_mixture', 'local_text', 'python_stdlib' (see
+      :func:`built_names`).
     data_dir: TFDS data directory.
-    **builder_kwargs: config settings, see :func:`synthetic_mixture_config`
-      and :func:`local_text_config`.
+    **builder_kwargs: config settings, see :func:`synthetic_mixture_config`,
+      :func:`local_text_config` and
+      ``moejax.data.stdlib_text.python_stdlib_config``.
 
   Returns:
     The DatasetBuilder; call ``download_and_prepare(file_format=
@@ -366,29 +410,36 @@ def _build(cls, config, data_dir: str,
     try:
       builder.download_and_prepare(file_format=_FILE_FORMAT)
     except Exception:  # another process may have built it meanwhile
-      if not os.path.isdir(directory) or cache.find_problem(directory):
+      if not os.path.isdir(directory) or _problem(cls, directory):
         raise
   if fresh:
     cache.write_checksums(directory)
     sizes = ' + '.join(f'{s.num_examples} {s.name}'
                        for s in builder.info.splits.values())
+    note = getattr(builder, 'build_note', None)  # e.g. the source's hash
     print(f'data: built {cls.name} ({sizes} examples) in {directory} '
-          f'({time.time() - start:.1f} s)', flush=True)
+          f'({time.time() - start:.1f} s)' + (f'; {note()}' if note else ''),
+          flush=True)
   return builder
+
+
+def _problem(cls, directory: str):
+  """cache.find_problem of a builder's directory, with its CHECKED_FILES."""
+  return cache.find_problem(directory, getattr(cls, 'CHECKED_FILES', ()))
 
 
 def prepare_builder(name: str, data_dir: str,
                     **builder_kwargs: Any) -> tfds.core.DatasetBuilder:
-  """Builds ``synthetic_mixture`` / ``local_text`` if needed, checked.
+  """Builds a dataset of :func:`built_names` if needed, checked.
 
   The prepared directory (``<data_dir>/<name>/<config>/<version>``) is
   checked first (``moejax.data.cache.find_problem``: metadata, record
-  counts, checksums). A corrupt one is deleted and rebuilt, with a warning
-  on stderr naming the corrupt file: both datasets are generated locally,
-  so nothing is lost.
+  counts, checksums, the builder's ``CHECKED_FILES``). A corrupt one is
+  deleted and rebuilt, with a warning on stderr naming the corrupt file:
+  these datasets are generated locally, so nothing is lost.
 
   Args:
-    name: 'synthetic_mixture' or 'local_text'.
+    name: 'synthetic_mixture', 'local_text' or 'python_stdlib'.
     data_dir: TFDS data directory.
     **builder_kwargs: as for :func:`make_builder`.
 
@@ -403,13 +454,13 @@ def prepare_builder(name: str, data_dir: str,
   cls, config = _class_and_config(name, builder_kwargs)
   directory = cache.dataset_dir(data_dir, cls.name, config.name,
                                 str(cls.VERSION))
-  problem = cache.find_problem(directory)
+  problem = _problem(cls, directory)
   if problem:
     print(f'warning: the {name} data cache is corrupt: {problem}; deleting '
           f'and rebuilding {directory}', file=sys.stderr, flush=True)
     cache.remove(directory, problem)
   builder = _build(cls, config, data_dir, directory)
-  again = cache.find_problem(directory) if problem else None
+  again = _problem(cls, directory) if problem else None
   if again:
     raise cache.DataCacheError(
         f'the {name} data cache is still corrupt after a rebuild ({again});'
@@ -424,12 +475,15 @@ def load_source(name: str, split: str, data_dir: str,
   * ``synthetic_mixture``: kwargs go to :func:`synthetic_mixture_config`.
   * ``local_text``: kwargs go to :func:`local_text_config` (``pattern``
     required).
+  * ``python_stdlib``: kwargs go to
+    ``moejax.data.stdlib_text.python_stdlib_config`` (``root``,
+    ``example_len``, ``separator``).
   * any other TFDS name: ``tfds.data_source(name, split=split,
     data_dir=data_dir, download=False)`` on a dataset the user has already
     prepared (as ArrayRecord), wrapped in :class:`ByteTextSource`; kwargs
     ``text_key`` ('text'), ``example_len`` (129), ``pad`` (0).
 
-  The first two are checked on every load and rebuilt when corrupt (see
+  The built ones (:func:`built_names`) are checked on every load and rebuilt when corrupt (see
   :func:`prepare_builder`).
 
   Args:
@@ -442,7 +496,7 @@ def load_source(name: str, split: str, data_dir: str,
     Sequence of records {'tokens': [L] int32, 'domain': int32,
     'optimal_nll': float32} with L = example_len.
   """
-  if name in ('synthetic_mixture', 'local_text'):
+  if name in _BUILDERS:
     builder = prepare_builder(name, data_dir, **builder_kwargs)
     with quiet_tfds():
       return builder.as_data_source(split=split)

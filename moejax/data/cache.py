@@ -1,4 +1,5 @@
-"""Integrity of the datasets moejax builds (synthetic_mixture, local_text).
+"""Integrity of the datasets moejax builds (synthetic_mixture, local_text,
+python_stdlib).
 
 Where they live: TFDS's layout under the data dir (``data.data_dir``, default
 ``~/tensorflow_datasets``),
@@ -7,13 +8,15 @@ Where they live: TFDS's layout under the data dir (``data.data_dir``, default
         dataset_info.json, features.json     (TFDS metadata)
         <name>-<split>.array_record-<i>-of-<n>   (one file per split shard)
         moejax_checksums.json                (size and sha256 of each shard)
+        metadata.json                        (python_stdlib: its provenance)
 
-Both datasets are generated locally (from a seed, or from the user's text
-files), so a damaged copy can always be rebuilt. After a build
+All are generated locally (from a seed, the user's text files, or the
+Python standard library), so a damaged copy can always be rebuilt. After a build
 ``write_checksums`` records every shard's size and sha256; ``find_problem``
 checks a directory before it is used: dataset_info.json parses, every shard it
 lists exists, opens as an ArrayRecord file, holds the record count it lists,
-and has the recorded checksum. A directory built before checksums existed is
+and has the recorded checksum; a builder's further JSON files (its
+``CHECKED_FILES``) parse. A directory built before checksums existed is
 read through once instead (ArrayRecord verifies each chunk's hash) and then
 gets its checksum file. A truncated, zeroed, half-deleted or bit-flipped
 cache is therefore found when it is opened, not mid-run.
@@ -25,7 +28,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Optional, Sequence
 
 from array_record.python.array_record_module import ArrayRecordReader
 
@@ -145,11 +148,26 @@ def _shard_problem(path: str, count: int, sums: Optional[dict]) -> str:
   return ''
 
 
-def find_problem(directory: str) -> Optional[str]:
+def _json_problem(path: str) -> str:
+  """'' if `path` holds a JSON object, else what is wrong with it."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    return 'missing'
+  except (OSError, ValueError) as e:
+    return f'unreadable ({type(e).__name__}: {_short(e)})'
+  return '' if isinstance(value, dict) else 'not a JSON object'
+
+
+def find_problem(directory: str,
+                 json_files: Sequence[str] = ()) -> Optional[str]:
   """Checks a prepared dataset directory.
 
   Args:
     directory: ``<data_dir>/<name>/<config>/<version>``.
+    json_files: further files of the directory that must hold a JSON
+      object (e.g. ``metadata.json`` of ``python_stdlib``).
 
   Returns:
     None if it does not exist (not built yet) or is intact, else
@@ -165,6 +183,10 @@ def find_problem(directory: str) -> Optional[str]:
     return f'{info}: missing'
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f'{info}: unreadable ({type(e).__name__}: {_short(e)})'
+  for name in json_files:
+    problem = _json_problem(os.path.join(directory, name))
+    if problem:
+      return f'{os.path.join(directory, name)}: {problem}'
   sums = _read_checksums(directory)
   for path, count in shards:
     problem = _shard_problem(path, count, sums)
