@@ -92,6 +92,7 @@ import jax  # importing starts no backend: jax.distributed can still start
 from jax.experimental import multihost_utils
 import numpy as np
 
+from experiments import cli
 from experiments import config_lib
 from experiments import finetune_setup
 from experiments import memory_check
@@ -140,10 +141,9 @@ def parse_args(argv: Optional[Sequence[str]]):
     (argparse namespace with config, workdir, fresh, override; {dotted key:
     value}).
   """
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog='python -m experiments.train',
       description=__doc__,  # usage, resume, the lock, exit codes
-      formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog='Override any key with --config.<dotted.key>=<value>.')
   parser.add_argument('--config', default=None,
                       help='config file and variant, e.g. '
