@@ -7,6 +7,8 @@ Public surface (see each object's docstring for shapes):
   group_limited_mask, loss_free_bias_update     token choice (moejax.routing)
   ExpertChoiceRouter, route_expert_choice       (moejax.expert_choice)
   SoftRouter                                    (moejax.soft_moe)
+  routers, RouterSpec  the router registry: register(RouterSpec(...)),
+                       get(name), names(); ROUTERS = the built-in names
   compute_capacity     the capacity formula
   DISPATCHERS          {'einsum', 'gather'} -> (dispatch, combine); 'ragged'
                        in moejax.dispatch (ragged_plan / _dispatch / _combine)
@@ -27,6 +29,8 @@ from moejax.losses import load_balance_loss, routing_metrics, z_loss
 from moejax.routing import (PRIORITIES, SCORE_FNS, Router, RoutingDecision,
                             assign_slots, group_limited_mask,
                             loss_free_bias_update, route_top_k, select_top_k)
+from moejax import routers
+from moejax.routers import RouterSpec
 from moejax.soft_moe import SoftRouter
 
 __version__ = '0.1.0'

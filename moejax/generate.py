@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import routers
 from moejax import routing
 from moejax.dispatch import DISPATCHER_NAMES
-from moejax.layers import NONCAUSAL_ROUTERS
 from moejax.models.transformer import TransformerLM
 
 # MoeLayer arguments set to None at inference: dropless, one group per call.
@@ -84,14 +84,15 @@ def check_model(model: Any) -> None:
 
   Args:
     model: must be a causal `TransformerLM` whose MoE router (if any) is
-      token choice ('topk'): a token's output may not depend on others.
+      causal-safe (its RouterSpec in moejax.routers; built in: 'topk'): a
+      token's output may not depend on others.
   """
   if not isinstance(model, TransformerLM):
     raise ValueError(
         'model must be a causal moejax.models.TransformerLM (decoder-only '
         f'LM), got {type(model).__name__}; an encoder cannot generate.')
   router = (model.moe or {}).get('router', 'topk')
-  if router in NONCAUSAL_ROUTERS:
+  if not routers.get(router).causal_safe:
     raise ValueError(
         f'router={router!r} routes a token by the other tokens of its group, '
         'so decoding one token at a time would not match the model; '

@@ -8,7 +8,8 @@ Flow: x [B, L, D] -> groups [G, S, D] -> router -> RoutingDecision
       -> dispatch [G, E, C, D] -> ExpertBank -> combine [G, S, D] -> [B, L, D]
       (+ shared experts on every token).
 
-Routers ('router'):
+Routers ('router'), looked up by name in the registry (moejax.routers: the
+plug-in protocol, RouterSpec, register); the built-in ones:
   'topk'           token choice (Switch, GShard, DeepSeek-style with sigmoid
                    scores, group-limited selection and loss-free balancing);
   'expert_choice'  each expert takes its top-C tokens (Zhou et al. 2022);
@@ -53,24 +54,18 @@ import jax.numpy as jnp
 
 from moejax import capacity as capacity_lib
 from moejax import dispatch as dispatch_lib
-from moejax import expert_choice
 from moejax import losses
 from moejax import lora as lora_lib
+from moejax import routers
 from moejax import routing
 from moejax import soft_moe
 from moejax.experts import ACTIVATIONS, DenseFfn, ExpertBank, RaggedExpertBank
 from moejax.experts import TokenExpertBank
 
-ROUTERS = ('topk', 'expert_choice', 'soft_moe')
-NONCAUSAL_ROUTERS = ('expert_choice', 'soft_moe')
-NONCAUSAL_PRIORITIES = ('score',)
-# Options of token-choice routing, with the value other routers require.
-TOPK_ONLY = (('top_k', 1), ('priority', 'choice'),
-             ('second_expert_policy', 'all'), ('renormalize', False),
-             ('routed_scaling', 1.0), ('jitter_eps', 0.0), ('num_groups', 1),
-             ('topk_groups', None), ('group_score', 'top2_sum'),
-             ('bias_update_rate', 0.0), ('selection_bias', False),
-             ('aux_loss_scope', 'group'))
+# The built-in routers (a snapshot at import; `routers.names()` is live and
+# holds any router registered later).
+ROUTERS = routers.names()
+NONCAUSAL_ROUTERS = tuple(n for n in ROUTERS if not routers.get(n).causal_safe)
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -88,32 +83,18 @@ def _check_capacity_factor(name: str, value) -> None:
 
 
 def _validate_router_options(layer: 'MoeLayer') -> None:
-  """Checks the router choice and the options only some routers use."""
-  routing.check_choice('router', layer.router, ROUTERS)
-  if layer.router != 'topk':
-    for name, required in TOPK_ONLY:
-      if getattr(layer, name) != required:
-        raise ValueError(
-            f'{name}={getattr(layer, name)!r} applies to router=\'topk\' '
-            f'only; with router={layer.router!r} leave it at {required!r}.')
-  if layer.router == 'soft_moe' and layer.dispatcher in ('ragged',
-                                                         'per_token'):
-    raise ValueError(f"dispatcher={layer.dispatcher!r} needs discrete "
-                     "assignments, and router='soft_moe' has its own dense "
-                     "dispatch; allowed values with soft_moe: 'gather', "
-                     "'einsum' (unused).")
-  if layer.causal and not layer.allow_noncausal_routing:
-    leak = None
-    if layer.router in NONCAUSAL_ROUTERS:
-      leak = f'router={layer.router!r}'
-    elif layer.priority in NONCAUSAL_PRIORITIES:
-      leak = f'priority={layer.priority!r}'
-    if leak:
-      raise ValueError(
-          f'{leak} lets a token\'s routing depend on later tokens, which a '
-          "causal model must not see; allowed values in a causal model: "
-          "router='topk' with priority 'choice' or 'token' (or set "
-          'allow_noncausal_routing=True to accept the leak).')
+  """Checks the router against its RouterSpec: registered, the options other
+  routers own left at their defaults, the dispatcher, causality."""
+  spec = routers.get(layer.router)
+  routers.check_options(layer, spec)
+  routers.check_dispatcher(spec, layer.dispatcher)
+  leak = routers.causal_leak(layer, spec)
+  if leak and layer.causal and not layer.allow_noncausal_routing:
+    raise ValueError(
+        f'{leak} lets a token\'s routing depend on later tokens, which a '
+        'causal model must not see; allowed values in a causal model: '
+        f'{routers.causal_choices()} (or set allow_noncausal_routing=True '
+        'to accept the leak).')
 
 
 def _validate_groups(layer: 'MoeLayer') -> None:
@@ -197,7 +178,11 @@ class MoeLayer(nn.Module):
     eval_capacity_factor: cf when `deterministic=True` (2.0: Switch eval).
     min_capacity: lower bound on C (4, as flaxformer).
     capacity_multiple_of: round C up to a multiple of this.
-    router: 'topk' | 'expert_choice' | 'soft_moe' (module docstring).
+    router: a registered router name, `moejax.routers.names()`: 'topk' |
+      'expert_choice' | 'soft_moe' built in (module docstring). Its
+      RouterSpec says which dispatchers it supports, whether it is
+      causal-safe, and which options it owns (the options another router
+      owns must stay at their defaults).
     score_fn: 'softmax' | 'sigmoid' (DeepSeek-V3).
     priority: overflow priority 'choice' | 'token' | 'score'.
     renormalize: renormalise the K combine weights to sum to 1.
@@ -232,8 +217,9 @@ class MoeLayer(nn.Module):
     group_size: S; None = one group per sequence (S = L).
     pad_to_group: if B*L is not a multiple of S, pad with padding tokens
       instead of raising.
-    causal: the layer sits in a causal model; non-causal routing
-      ('expert_choice', 'soft_moe', priority 'score') is refused.
+    causal: the layer sits in a causal model; non-causal routing (a router
+      not causal-safe: 'expert_choice', 'soft_moe'; or priority 'score') is
+      refused.
     allow_noncausal_routing: accept non-causal routing in a causal model.
     dtype: compute dtype of the experts (the router is always float32).
     param_dtype: storage dtype of the expert weights.
@@ -323,35 +309,32 @@ class MoeLayer(nn.Module):
     valid = jnp.pad(valid.reshape(tokens), (0, pad))  # padded: invalid
     return x.reshape(-1, s, d), valid.reshape(-1, s)
 
-  def _capacity(self, s: int, deterministic: bool) -> int:
-    """C for groups of S tokens (expert choice: K = granularity)."""
+  def _capacity(self, spec: routers.RouterSpec, s: int,
+                deterministic: bool) -> Optional[int]:
+    """C for groups of S tokens, with the router's K (None: no capacity)."""
+    k = spec.capacity_k(self)
+    if k is None:
+      return None
     cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-    k = (self.granularity if self.router == 'expert_choice'
-         else self.effective_top_k)
     return capacity_lib.compute_capacity(
         s, self.effective_experts, k, cf, self.min_capacity,
         self.capacity_multiple_of)
 
   def _route(self, xg: jax.Array, valid_g: jax.Array, deterministic: bool):
-    """[G, S, D] -> (RoutingDecision, aux) for 'topk' / 'expert_choice'."""
-    capacity = self._capacity(xg.shape[1], deterministic)
-    if self.router == 'expert_choice':
-      router = expert_choice.ExpertChoiceRouter(
-          num_experts=self.effective_experts, score_fn=self.score_fn,
-          name='router')
-    else:
-      router = routing.Router(
-          num_experts=self.effective_experts, top_k=self.effective_top_k,
-          score_fn=self.score_fn, priority=self.priority,
-          renormalize=self.renormalize, routed_scaling=self.routed_scaling,
-          second_expert_policy=self.second_expert_policy,
-          second_expert_threshold=self.second_expert_threshold,
-          jitter_eps=self.jitter_eps, num_groups=self.num_groups,
-          topk_groups=self.topk_groups, group_score=self.group_score,
-          bias_update_rate=self.bias_update_rate,
-          selection_bias=self.selection_bias,
-          aux_loss_scope=self.aux_loss_scope, name='router')
-    return router(xg, capacity, valid_g, deterministic)
+    """[G, S, D] -> the registered router's output (routers protocol):
+    (RoutingDecision, aux), or (dispatch, combine, aux) if dense_dispatch."""
+    spec = routers.get(self.router)
+    router = spec.module(**spec.kwargs(self), name='router')
+    out = router(xg.astype(jnp.float32),
+                 capacity=self._capacity(spec, xg.shape[1], deterministic),
+                 valid=valid_g, deterministic=deterministic)
+    routers.check_aux(spec, out[-1])
+    if not spec.dense_dispatch and not isinstance(out[0],
+                                                  routing.RoutingDecision):
+      raise ValueError(f'router {spec.name!r} returned a '
+                       f'{type(out[0]).__name__}; a router without '
+                       'dense_dispatch returns (RoutingDecision, aux).')
+    return out
 
   def _experts(self, kind: type = ExpertBank) -> nn.Module:
     """The expert bank module (`kind`: ExpertBank or a same-params one)."""
@@ -364,14 +347,10 @@ class MoeLayer(nn.Module):
   def _routed(self, xg: jax.Array, valid_g: jax.Array, deterministic: bool):
     """The routed experts on groups: [G, S, D] -> ([G, S, D], aux).
 
-    Routers see x as given (they compute in float32); experts see it in
-    `dtype`.
+    The router sees a float32 copy of x; experts see it in `dtype`.
     """
-    if self.router == 'soft_moe':
-      dispatch_w, combine_w, aux = soft_moe.SoftRouter(
-          num_experts=self.effective_experts,
-          slots_per_expert=self.slots_per_expert,
-          normalize=self.soft_normalize, name='router')(xg, valid_g)
+    if routers.get(self.router).dense_dispatch:
+      dispatch_w, combine_w, aux = self._route(xg, valid_g, deterministic)
       buffers = soft_moe.soft_dispatch(xg.astype(self.dtype), dispatch_w)
       self.sow('intermediates', 'dispatched', buffers)
       return soft_moe.soft_combine(self._experts()(buffers), combine_w), aux

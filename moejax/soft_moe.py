@@ -99,8 +99,14 @@ class SoftRouter(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None):
-    """Returns dispatch, combine [G, S, E, C] and the aux dict."""
+  def __call__(self, x: jax.Array, valid: Optional[jax.Array] = None,
+               capacity: Optional[int] = None, deterministic: bool = True):
+    """Returns dispatch, combine [G, S, E, C] and the aux dict.
+
+    `capacity` and `deterministic` are the router protocol's
+    (moejax.routers) and unused: C is `slots_per_expert`, nothing is random.
+    """
+    del capacity, deterministic
     g, s, d = x.shape
     e, c = self.num_experts, self.slots_per_expert
     valid = jnp.ones((g, s), bool) if valid is None else valid
