@@ -47,7 +47,6 @@ and exit with code 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import resource
@@ -58,6 +57,7 @@ from typing import Optional, Sequence
 import jax
 
 from configs import base as base_config
+from experiments import cli
 from experiments import config_lib
 from experiments import train as train_cli
 from experiments import workdir_config
@@ -71,16 +71,18 @@ from moejax.train import state as state_lib
 # Without --config: configs/base.py's tiny sizes, at a fine-tuning learning
 # rate (tiny's 1e-2 is for training from scratch).
 DEFAULT_OVERRIDES = {'train.learning_rate': 1e-4}
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose errors are one line `error: ...` and exit code 2."""
+EPILOG = """\
+With --hf_dir, override any run config key with
+--config.<dotted.key>=<value>.
 
-  def error(self, message):
-    print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-
+exit codes:
+  0  converted
+  2  a user error: one line `error: ...` on stderr (a bad flag, a
+     checkpoint or config that cannot be converted, an import into a
+     --workdir that already holds checkpoints)"""
 
 # Tokenizer files carried along by import and export.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
@@ -93,12 +95,10 @@ def parse_args(argv: Optional[Sequence[str]]):
   Args:
     argv: arguments without the program name (None: sys.argv[1:]).
   """
-  parser = _Parser(
+  parser = cli.Parser(
       prog='python -m experiments.convert',
-      description='Import an HF MoE checkpoint as a moejax work dir '
-                  '(--hf_dir), or export a work dir as one (--to_hf).',
-      epilog='With --hf_dir, override any run config key with '
-             '--config.<dotted.key>=<value>.')
+      description=__doc__,  # the three directions, exit codes
+      epilog=EPILOG)
   direction = parser.add_mutually_exclusive_group(required=True)
   direction.add_argument('--hf_dir', help='HF model directory to import')
   direction.add_argument('--to_hf', metavar='DIR',
@@ -116,7 +116,8 @@ def parse_args(argv: Optional[Sequence[str]]):
   parser.add_argument('--fused_experts', action='store_true',
                       help='export: experts as fused gate_up_proj / '
                            'down_proj tensors (transformers 5 layout)')
-  parser.add_argument('--max_shard_bytes', type=int, default=None,
+  parser.add_argument('--max_shard_bytes', default=None, metavar='N',
+                      type=cli.number(int, 'an int >= 1', lambda v: v >= 1),
                       help='export: split the safetensors into files of at '
                            'most this many bytes (plus an index)')
   args, rest = parser.parse_known_args(argv)

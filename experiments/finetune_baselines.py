@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from configs import finetune as finetune_configs
+from experiments import cli
 from experiments import config_lib
 from experiments import finetune_setup
 from experiments import workdir_config
@@ -52,6 +53,16 @@ from moejax.train import step as step_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ('upcycle', 'finetune')
 SIZES = ('tiny', 'small')
+
+
+EPILOG = """\
+exit codes:
+  0  done
+  1  a training run or an evaluation failed: a traceback with its command
+     and the tail of its log (the runs that finished are kept and reused
+     by a re-run)
+  2  a bad flag: one line `error: ...` on stderr naming the flag and the
+     allowed values, before anything runs"""
 
 
 def _train(workdir: str, config: str, *extra: str) -> float:
@@ -200,19 +211,30 @@ def _commit() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one part and writes results/<part>_<size>.md and .json."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--part', choices=PARTS)
+  parser = cli.Parser(prog='python -m experiments.finetune_baselines',
+                      description=__doc__, epilog=EPILOG)
+  parser.add_argument('--part', choices=PARTS,
+                      help='which baselines to run (required)')
   parser.add_argument('--evaluate', metavar='WORKDIR', help=argparse.SUPPRESS)
   parser.add_argument('--trainable', metavar='WORKDIR',
                       help=argparse.SUPPRESS)
-  parser.add_argument('--domains', default=None, help=argparse.SUPPRESS)
-  parser.add_argument('--size', choices=SIZES, default='small')
-  parser.add_argument('--workdir', default='runs/baselines')
-  parser.add_argument('--results', default=os.path.join(REPO, 'results'))
+  parser.add_argument('--domains', default=None, help=argparse.SUPPRESS,
+                      type=cli.comma_list(
+                          cli.number(int, 'an int >= 0', lambda v: v >= 0),
+                          'ints >= 0'))
+  parser.add_argument('--size', choices=SIZES, default='small',
+                      help='config variant of every run (default '
+                           '%(default)s)')
+  parser.add_argument('--workdir', default='runs/baselines',
+                      help='the runs go to <workdir>/<part>_<size>/ '
+                           '(default %(default)s)')
+  parser.add_argument('--results', default=os.path.join(REPO, 'results'),
+                      metavar='DIR',
+                      help='<part>_<size>.md and .json are written here '
+                           '(default: results/ of the repository)')
   args = parser.parse_args(argv)
   if args.evaluate:  # internal: one JSON line (see evaluate_on)
-    domains = (None if args.domains is None else
-               [int(d) for d in args.domains.split(',')])
+    domains = None if args.domains is None else list(args.domains)
     record = evaluate_here(args.evaluate, domains)
     print(json.dumps({k: v for k, v in record.items()
                       if isinstance(v, (int, float))}))
@@ -221,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(json.dumps(list(trainable_here(args.trainable))))
     return 0
   if args.part is None:
-    parser.error('--part is required')
+    parser.error(f'argument --part is required; allowed values: '
+                 f'{", ".join(PARTS)}')
   root = os.path.abspath(os.path.join(args.workdir,
                                       f'{args.part}_{args.size}'))
   start = time.time()

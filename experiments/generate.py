@@ -43,12 +43,13 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from experiments import cli
 from experiments import config_lib
 from moejax import generate as generate_lib
 from moejax.train import TrainState
 from moejax.train import checkpoint as checkpoint_lib
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = cli.EXIT_USER_ERROR
 TOKENIZER_FILE = 'tokenizer.json'
 
 
@@ -56,8 +57,9 @@ class UserError(Exception):
   """A mistake in the command line or the work dir (exit code 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose errors are one `UserError`, not usage + exit."""
+class _Parser(cli.Parser):
+  """cli.Parser whose errors are one `UserError` (main prints it as one
+  line `error: ...` and returns 2), not an exit."""
 
   def error(self, message):
     raise UserError(message)
@@ -66,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   """The command line (argv without the program name; None: sys.argv)."""
   parser = _Parser(prog='python -m experiments.generate',
-                   description='Generate tokens from a trained run.')
+                   description=__doc__)  # usage, output, exit codes
   parser.add_argument('--workdir', required=True,
                       help='run directory (config.json + checkpoints)')
   prompt = parser.add_mutually_exclusive_group(required=True)

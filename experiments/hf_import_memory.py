@@ -1,6 +1,7 @@
 """Import time and peak host memory of a large HF checkpoint.
 
     python -m experiments.hf_import_memory [--dir /tmp/moejax_big_mixtral]
+        [--keep] [--num_layers 8 --d_model 1024 --d_ff 2816 ...]
 
 Writes a random Mixtral-shaped checkpoint (default: D=1024, 8 layers,
 E=8 experts of F=2816, V=32000, float32, ~2.6 GB in 1 GB shards with an
@@ -9,32 +10,72 @@ fresh Python process and reports the wall time and that process's peak
 resident memory (VmHWM) next to the checkpoint's size and the RSS of
 the same process before loading (jax and moejax imported). Streaming
 tensor by tensor should keep the peak near the loaded params plus one
-layer's experts, never two copies of the model.
+layer's experts, never two copies of the model. --dir is emptied first
+(removed if it exists) and removed after, unless --keep.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_DIR = flags.DEFINE_string('dir', '/tmp/moejax_big_mixtral',
-                           'Where the checkpoint is written (removed after '
-                           'unless --keep).')
-_KEEP = flags.DEFINE_boolean('keep', False, 'Keep the checkpoint.')
-_LAYERS = flags.DEFINE_integer('num_layers', 8, 'Blocks.')
-_D = flags.DEFINE_integer('d_model', 1024, 'D.')
-_F = flags.DEFINE_integer('d_ff', 2816, 'F per expert.')
-_E = flags.DEFINE_integer('num_experts', 8, 'E.')
-_V = flags.DEFINE_integer('vocab_size', 32000, 'V.')
+from experiments import cli
+
+EPILOG = """\
+exit codes:
+  0  done
+  1  writing the checkpoint or the import in the child process failed
+     (a traceback)
+  2  a bad flag: one line `error: ...` on stderr naming the flag and the
+     allowed values, before anything is written"""
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """The flags (argv without the program name; None: sys.argv[1:]).
+
+  A bad flag exits with code 2 and one `error:` line (cli.Parser).
+  """
+  positive = cli.number(int, 'an int >= 1', lambda v: v >= 1)
+  parser = cli.Parser(prog='python -m experiments.hf_import_memory',
+                      description=__doc__, epilog=EPILOG,
+                      allow_abbrev=False)  # as absl: no prefixes
+  parser.add_argument('--dir', metavar='DIR',
+                      default='/tmp/moejax_big_mixtral',
+                      help='where the checkpoint is written (removed first '
+                           'if it exists, and after unless --keep; default '
+                           '%(default)s)')
+  parser.add_argument('--keep', action='store_true',
+                      help='keep the checkpoint')
+  parser.add_argument('--num_layers', metavar='N', type=positive, default=8,
+                      help='blocks (default %(default)s)')
+  parser.add_argument('--d_model', metavar='D', default=1024,
+                      type=cli.number(int, 'an int >= 16 divisible by 16 '
+                                      '(8 heads of an even width)',
+                                      lambda v: v >= 16 and v % 16 == 0),
+                      help='D, model width (8 heads; default %(default)s)')
+  parser.add_argument('--d_ff', metavar='F', type=positive, default=2816,
+                      help='F per expert (default %(default)s)')
+  parser.add_argument('--num_experts', metavar='E', default=8,
+                      type=cli.number(int, 'an int >= 2 (top-2 routing)',
+                                      lambda v: v >= 2),
+                      help='E (default %(default)s)')
+  parser.add_argument('--vocab_size', metavar='V', type=positive,
+                      default=32000, help='V (default %(default)s)')
+  args = parser.parse_args(argv)
+  if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+    parser.error(f'argument --dir: {args.dir!r} is a file; allowed values: '
+                 'a directory (new or to be replaced)')
+  return args
+
 
 # VmHWM (peak RSS of this process image; unlike ru_maxrss it is not
 # inherited from the parent across fork + exec), in kB.
@@ -58,15 +99,16 @@ print(json.dumps(dict(seconds=seconds, rss_before_kb=before,
 '''
 
 
-def write_checkpoint(path: str) -> int:
-  """A random Mixtral-shaped checkpoint at `path`; returns its bytes."""
+def write_checkpoint(path: str, args: argparse.Namespace) -> int:
+  """A random Mixtral-shaped checkpoint at `path` of the flags' sizes;
+  returns its bytes."""
   from moejax.interop import hf  # pylint: disable=import-outside-toplevel
   from moejax.models import TransformerLM  # pylint: disable=import-outside-toplevel
   model = TransformerLM(
-      num_layers=_LAYERS.value, d_model=_D.value, num_heads=8,
-      num_kv_heads=2, d_ff=_F.value, vocab_size=_V.value,
+      num_layers=args.num_layers, d_model=args.d_model, num_heads=8,
+      num_kv_heads=2, d_ff=args.d_ff, vocab_size=args.vocab_size,
       activation='swiglu', tie_embeddings=False, norm_eps=1e-5,
-      rope_base=1e6, moe=dict(num_experts=_E.value, top_k=2,
+      rope_base=1e6, moe=dict(num_experts=args.num_experts, top_k=2,
                               renormalize=True, capacity_factor=None,
                               eval_capacity_factor=None))
   abstract = jax.eval_shape(model.init, jax.random.key(0),
@@ -79,13 +121,18 @@ def write_checkpoint(path: str) -> int:
              if f.endswith('.safetensors'))
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  path = _DIR.value
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Writes, imports and reports; returns 0 (a bad flag exits with code 2
+  first).
+
+  Args:
+    argv: arguments without the program name (None: sys.argv[1:]).
+  """
+  args = parse_args(argv)
+  path = args.dir
   if os.path.exists(path):
     shutil.rmtree(path)
-  size = write_checkpoint(path)
+  size = write_checkpoint(path, args)
   out = subprocess.run([sys.executable, '-c', _CHILD, path], check=True,
                        capture_output=True, text=True).stdout
   stats = json.loads(out.strip().splitlines()[-1])
@@ -97,10 +144,10 @@ def main(argv: Sequence[str]) -> int:
         f'GiB (before loading {gb(stats["rss_before_kb"]):.2f} GiB): '
         f'{(stats["peak_rss_kb"] - stats["rss_before_kb"]) * 1024 / size:.2f}'
         ' x the checkpoint above the baseline')
-  if not _KEEP.value:
+  if not args.keep:
     shutil.rmtree(path)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

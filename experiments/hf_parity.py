@@ -9,32 +9,71 @@ on `input_ids` and HF's greedy continuation), loads it with
 `moejax.interop.hf.load_pretrained`, and reports the max |logits - HF|
 (float32, default and 'highest' matmul precision), whether the 16 greedy
 tokens through moejax's KV cache equal HF's, and the import time. Writes
-the Markdown table to --out and prints it.
+the Markdown table to --out (unless --out '') and prints it.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
-from absl import app, flags
 import jax
 import numpy as np
 
+from experiments import cli
 from moejax import generate
 from moejax.interop import hf
 
-_FIXTURES = flags.DEFINE_string('fixtures', os.path.join('tests', 'fixtures',
-                                                         'hf'),
-                                'Directory of HF model directories.')
-_OUT = flags.DEFINE_string('out', os.path.join('results', 'hf_parity.md'),
-                           'Markdown table written here.')
+REFERENCE_FILE = 'reference.npz'
+EPILOG = """\
+exit codes:
+  0  done
+  1  a fixture failed to import or run (its traceback)
+  2  a bad flag: one line `error: ...` on stderr naming the flag (e.g.
+     --fixtures is not a directory, or holds no model directory with a
+     reference.npz), before anything is imported"""
+
+
+def fixture_names(root: str) -> list[str]:
+  """The sorted model directories under `root` that hold a reference.npz."""
+  return sorted(d for d in os.listdir(root) if os.path.exists(
+      os.path.join(root, d, REFERENCE_FILE)))
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """The flags (argv without the program name; None: sys.argv[1:]).
+
+  A bad flag exits with code 2 and one `error:` line (cli.Parser).
+  """
+  parser = cli.Parser(prog='python -m experiments.hf_parity',
+                      description=__doc__, epilog=EPILOG,
+                      allow_abbrev=False)  # as absl: no prefixes
+  parser.add_argument('--fixtures', metavar='DIR',
+                      default=os.path.join('tests', 'fixtures', 'hf'),
+                      help='directory of HF model directories (default '
+                           '%(default)s)')
+  parser.add_argument('--out', metavar='FILE',
+                      default=os.path.join('results', 'hf_parity.md'),
+                      help="Markdown table written here; '' writes none "
+                           '(default %(default)s)')
+  args = parser.parse_args(argv)
+  if not os.path.isdir(args.fixtures):
+    problem = ('is not a directory' if os.path.exists(args.fixtures) else
+               'does not exist')
+    parser.error(f'argument --fixtures: {args.fixtures!r} {problem}')
+  if not fixture_names(args.fixtures):
+    parser.error(f'argument --fixtures: {args.fixtures!r} holds no model '
+                 f'directory with a {REFERENCE_FILE} '
+                 '(tools/make_hf_fixtures.py writes them)')
+  return args
 
 
 def family_row(path: str) -> dict:
   """Parity figures of one fixture directory."""
-  ref = np.load(os.path.join(path, 'reference.npz'))
+  ref = np.load(os.path.join(path, REFERENCE_FILE))
   start = time.perf_counter()
   model, variables = hf.load_pretrained(path)
   load_s = time.perf_counter() - start
@@ -65,20 +104,24 @@ def table(rows: Sequence[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  root = _FIXTURES.value
-  names = sorted(d for d in os.listdir(root) if os.path.exists(
-      os.path.join(root, d, 'reference.npz')))
-  text = table([family_row(os.path.join(root, n)) for n in names])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Prints (and writes) the parity table; returns 0 (a bad flag exits with
+  code 2 first).
+
+  Args:
+    argv: arguments without the program name (None: sys.argv[1:]).
+  """
+  args = parse_args(argv)
+  root = args.fixtures
+  text = table([family_row(os.path.join(root, n))
+                for n in fixture_names(root)])
   print(text)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-    with open(_OUT.value, 'w', encoding='utf-8') as f:
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w', encoding='utf-8') as f:
       f.write(text)
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

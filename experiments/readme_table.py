@@ -20,12 +20,21 @@ file without its summary block, exit 2 with a message naming them.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
+from experiments import cli
 from moejax.analysis.report import SUMMARY_BEGIN
 from moejax.analysis.report import SUMMARY_END
+
+
+EPILOG = """\
+exit codes:
+  0  done (with --check: the README is up to date)
+  1  --check: the README is out of date (nothing written)
+  2  a bad flag, a bad NAME=RESULTS pair, a missing or unreadable file, or
+     missing or repeated markers: one line `error: ...` on stderr, nothing
+     written"""
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -102,9 +111,8 @@ def _parse_pairs(pairs: Sequence[str]) -> list[tuple[str, str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Rewrites the README tables; 0 ok, 1 out of date (--check), 2 error."""
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.readme_table',
-      description='Copy sweep summary tables into a README between markers.')
+  parser = cli.Parser(prog='python -m experiments.readme_table',
+                      description=__doc__, epilog=EPILOG)
   parser.add_argument('readme', help='the README to rewrite')
   parser.add_argument('tables', nargs='+', help='NAME=path/to/results.md')
   parser.add_argument('--check', action='store_true',

@@ -5,7 +5,10 @@ to E=4, K in {1, 2}, the tiny dense and switch models; XLA's backend
 optimisations are off in it (compile time dominates a grid this small).
 The --profile rows are checked in-process on one (E, K), and the command
 line (--quick's defaults, comma lists, one-line errors with exit code 2)
-through parse_args, without measuring anything.
+through parse_args, without measuring anything. The memory gate has its
+own tests (tests/test_bench_memory.py); here every row of the quick run
+fits the budget, carries its estimate, and the estimate is within 2x of
+XLA's count for the rows that ran.
 """
 
 import itertools
@@ -27,7 +30,7 @@ LAYER_TYPES = {'kind': str, 'dispatcher': str, 'num_experts': int,
                'status': str}
 OPTIONAL_NUMBERS = ('seconds', 'dense_seconds', 'ratio_to_dense',
                     'speedup_vs_einsum', 'pct_of_matmul_peak', 'temp_mib',
-                    'device_peak_mib')
+                    'compiled_mib', 'device_peak_mib')
 MODEL_TYPES = {'kind': str, 'model': str, 'size': str, 'num_experts': int,
                'top_k': int, 'seconds': NUMBER, 'tokens_per_s': NUMBER,
                'ratio_to_dense': NUMBER, 'flops_per_token': int,
@@ -67,6 +70,18 @@ def test_machine(result):
   assert machine['device_count'] >= 1
   assert isinstance(machine['jax_version'], str)
   assert machine['matmul_flops_per_s'] > 0
+  assert machine['memory_budget_mib'] > 0  # read from the device
+  assert machine['memory_budget_source']
+
+
+def test_every_row_has_its_estimate_within_2x(result):
+  rows = [r for r in result[0]['rows'] if r['kind'] != 'profile']
+  assert len(rows) == 1 + len(TOP_K) * (1 + len(DISPATCHERS)) + len(
+      MODEL_KINDS)
+  for row in rows:
+    assert row['status'] == 'ok', row  # the quick grid fits any machine
+    ratio = row['estimate_mib'] / row['compiled_mib']
+    assert 0.5 <= ratio <= 2.0, (row, ratio)
 
 
 def test_layer_rows_cover_the_grid(result):
@@ -128,12 +143,13 @@ def test_markdown_table(result):
 
 def test_profile_rows_in_process():
   import jax  # pylint: disable=g-import-not-at-top
+  from experiments import bench_layer  # pylint: disable=g-import-not-at-top
   from experiments import benchmark  # pylint: disable=g-import-not-at-top
   s = benchmark.Settings(dispatchers=('gather',), num_experts=(4,),
                          top_k=(2,), tokens=64, d_model=8, d_ff=16,
                          group_size=32, repeats=1, profile=True)
   x = jax.random.normal(jax.random.key(0), (1, 64, 8))
-  params = benchmark.init_params(benchmark._moe(s, 'gather', 4, 2), x)
+  params = benchmark.init_params(bench_layer._moe(s, 'gather', 4, 2), x)
   rows = benchmark.layer_group(s, 4, 2, x, params,
                                benchmark.dense_entry(s, 2, x), peak=1e9)
   assert [r['kind'] for r in rows] == ['layer'] + ['profile'] * 4
@@ -167,12 +183,13 @@ def test_quick_sets_only_the_flags_not_given(tmp_path):
   settings, json_path = benchmark.parse_args([
       '--quick', '--tokens', '8192', '--group_size=512', '--dispatchers',
       'einsum,gather', '--num_experts', '4,16', '--skip_model', '--json',
-      out])
+      out, '--memory_budget_gb', '2.5', '--dry_run'])
   assert json_path == out
   # Given: kept, even where equal to the non-quick default (tokens 8192).
   assert (settings.tokens, settings.group_size) == (8192, 512)
   assert settings.dispatchers == ('einsum', 'gather')
   assert settings.num_experts == (4, 16) and settings.skip_model
+  assert settings.memory_budget_gb == 2.5 and settings.dry_run
   # Not given: QUICK's value where it has one, else the Settings default.
   assert (settings.d_model, settings.d_ff, settings.repeats) == (64, 128, 2)
   assert settings.model_sizes == ('tiny',) and settings.matmul_size == 1024
@@ -194,6 +211,7 @@ def test_quick_sets_only_the_flags_not_given(tmp_path):
     (['--model_kinds', 'dense,moe'], '--model_kinds', 'switch, gshard'),
     (['--capacity_factor', '-1'], '--capacity_factor', 'a number > 0'),
     (['--repeats', '0'], '--repeats', 'an int >= 1'),
+    (['--memory_budget_gb', '-1'], '--memory_budget_gb', 'a number >= 0'),
     (['--json', '/nonexistent/dir/b.json'], '--json', 'does not exist'),
     (['--quick', 'extra'], 'extra', 'unrecognized arguments'),
 ])

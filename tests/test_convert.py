@@ -311,6 +311,27 @@ def test_bad_conversions_exit_2_with_one_line(case, data_dir, tmp_path,
   assert not os.path.exists(workdir) and not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('argv, needles', [
+    (['--to_hf', 'o', '--workdir', 'w', '--max_shard_bytes', '0'],
+     ['argument --max_shard_bytes', "'0'", 'an int >= 1']),
+    (['--to_hf', 'o', '--hf_dir', 'h', '--workdir', 'w'],
+     ['--hf_dir', 'not allowed with argument --to_hf']),
+    (['--to_hf', 'o', '--workdir', 'w', '--config', 'configs/switch.py'],
+     ['--config and --config.<key> apply to an import']),
+    (['--hf_dir', 'h', '--workdir', 'w', '--shard_bytes=1'],
+     ["unrecognized argument '--shard_bytes=1'"]),
+])
+def test_bad_flags_exit_2_with_one_line_before_reading(argv, needles,
+                                                       capsys):
+  with pytest.raises(SystemExit) as exit_info:  # cli.Parser
+    convert.main(argv)
+  assert exit_info.value.code == 2
+  err = _one_line_error(capsys)
+  assert err.endswith('(see --help)'), err
+  for needle in needles:
+    assert needle in err, (needle, err)
+
+
 # The new model keys: (config, key, value, texts the one-line error holds).
 BAD_MODEL_KEYS = [
     ('switch', 'model.num_kv_heads', '3',

@@ -343,6 +343,27 @@ def test_cli_user_errors_are_one_line(workdir, tmp_path, capsys):
     assert re.search(match, lines[0]), (name, err)
 
 
+@pytest.mark.parametrize('argv, match', [
+    (['--prompt_ids', '1', '--max_new_tokens', '2'],
+     'the following arguments are required: --workdir'),
+    (['--workdir', 'w', '--prompt_ids', '1', '--prompt', 'a',
+      '--max_new_tokens', '2'], 'not allowed with argument --prompt_ids'),
+    (['--workdir', 'w', '--prompt_ids', '1', '--max_new_tokens', '2',
+      '--top_k', '5'], 'unrecognized arguments: --top_k 5'),
+    (['--workdir', 'w', '--prompt_ids', '1', '--max_new_tokens', '0'],
+     "--max_new_tokens='0' is not allowed; allowed values: an int >= 1"),
+    (['--workdir', 'w', '--prompt_ids', '1', '--max_new_tokens', '2',
+      '--seed', '-1'], "--seed='-1' is not allowed"),
+])
+def test_cli_flag_errors_are_one_line_before_the_workdir(capsys, argv, match):
+  # cli.Parser's style, but returned (exit code 2), not raised.
+  code, out, err = _run(capsys, *argv)
+  assert code == 2 and out == ''
+  lines = err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), err
+  assert match in lines[0], err
+
+
 class _FakeTokenizer:
   """Stands in for tokenizers.Tokenizer: one id per character."""
 

@@ -203,6 +203,30 @@ def test_declared_sweeps_and_bad_arguments(capsys):
   assert 'sets seed, so --seeds must be 1' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('argv, needles', [
+    (['--parallel', '0'], ['argument --parallel', "'0'", 'an int >= 1']),
+    (['--seeds=two'], ['argument --seeds', "'two'", 'an int >= 1']),
+    (['--seedz', '2', '--workdir', 'w'], ["unrecognized argument '--seedz'"]),
+    (['--config.train.steps'], ['--config.<key>=<value>']),
+    ([], ['required: --config, --sweep, --workdir']),
+])
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, needles):
+  base = {'--config': 'configs/switch.py:tiny', '--sweep': 'experts',
+          '--workdir': '/nonexistent'}
+  if argv:
+    argv = [a for k, v in base.items() if k not in argv for a in (k, v)] + argv
+  with pytest.raises(SystemExit) as exit_info:  # cli.Parser
+    sweep.main(argv)
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  lines = captured.err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), captured.err
+  assert lines[0].endswith('(see --help)'), lines[0]
+  for text in needles:
+    assert text in lines[0], (text, lines[0])
+
+
 def test_citation_version_matches_setup():
   # CITATION.cff (CFF 1.2.0) must cite the version setup.py installs.
   with open(os.path.join(REPO, 'setup.py')) as f:

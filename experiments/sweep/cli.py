@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -16,6 +15,7 @@ from typing import Any, Optional, Sequence
 import jax
 import ml_collections
 
+from experiments import cli
 from experiments import config_lib
 from experiments import train
 from experiments.sweep import points as points_lib
@@ -173,20 +173,36 @@ def analyse_main(argv: Sequence[str]) -> int:
 
 
 # --------------------------------------------------------------------- CLI
+EPILOG = """\
+Overrides for every run: --config.<dotted.key>=<value>.
+
+exit codes:
+  0    every run finished and was analysed (--dry_run: the plan printed)
+  1    some run is not ok (failed, or not finished with --report_only):
+       listed in results.md and on stdout; the other runs went on
+  2    a bad flag, sweep or config value (one line `error: ...` on stderr
+       naming it), before any run starts
+  130  interrupted (Ctrl-C or SIGTERM); the same command resumes"""
+
+
 def parse_args(argv: Sequence[str]):
-  """(namespace, {dotted key: value} of the --config.k=v overrides)."""
-  parser = argparse.ArgumentParser(
+  """(namespace, {dotted key: value} of the --config.k=v overrides).
+
+  A bad flag exits with code 2 and one `error:` line (cli.Parser).
+  """
+  from experiments import sweep  # pylint: disable=import-outside-toplevel
+  positive = cli.number(int, 'an int >= 1', lambda v: v >= 1)
+  parser = cli.Parser(
       prog='python -m experiments.sweep',
-      description='Run a sweep of a config: one training run per point, '
-                  'then results.csv, results.md and plots.',
-      epilog='Overrides for every run: --config.<dotted.key>=<value>.')
+      description=sweep.__doc__,  # what a sweep runs and writes
+      epilog=EPILOG)
   parser.add_argument('--config', required=True, help='path[:variant]')
   parser.add_argument('--sweep', required=True,
                       help='a sweep of get_sweeps(), or KEY=v1,v2,...')
   parser.add_argument('--workdir', required=True, help='sweep directory')
-  parser.add_argument('--seeds', type=int, default=1,
+  parser.add_argument('--seeds', type=positive, default=1, metavar='N',
                       help='seeds per point: config seed + 0 .. N-1')
-  parser.add_argument('--parallel', type=int, default=1,
+  parser.add_argument('--parallel', type=positive, default=1, metavar='N',
                       help='runs at once (each JAX process uses all cores)')
   parser.add_argument('--no_baseline', action='store_true',
                       help='no dense baseline runs (no Δ dense column)')
@@ -210,8 +226,6 @@ def parse_args(argv: Sequence[str]):
       parser.error(f'unrecognized argument {arg!r} (overrides are '
                    '--config.<key>=<value>)')
     overrides[key] = config_lib.parse_value(value)
-  if args.parallel < 1:
-    parser.error(f'--parallel={args.parallel}: allowed values: an int >= 1')
   return args, overrides
 
 

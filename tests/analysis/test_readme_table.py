@@ -67,3 +67,17 @@ def test_cli_errors_exit_2(tmp_path, capsys):
   assert readme_table.main([str(readme), 'experts']) == 2
   assert 'NAME=RESULTS_MD' in capsys.readouterr().err
   assert readme.read_text() == README
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['README.md'], 'the following arguments are required: tables'),
+    (['README.md', 'experts=r.md', '--dry_run'],
+     'unrecognized arguments: --dry_run'),
+])
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, needle):
+  with pytest.raises(SystemExit) as exit_info:  # cli.Parser
+    readme_table.main(argv)
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  assert captured.err.splitlines() == [f'error: {needle} (see --help)']

@@ -1,0 +1,201 @@
+"""What every part of `python -m experiments.benchmark` shares.
+
+Settings (one field per flag), the machine description, and the timing
+harness: compile first (not timed), one warm-up call, then the median of
+`--repeats` calls, each blocked with `jax.block_until_ready`, entries timed
+round-robin. Before an entry runs, the compiled program's own memory
+(`compiled.memory_analysis()`: arguments + outputs + temporaries) is held
+against the memory budget (experiments/bench_memory.py): an entry over it
+is skipped, not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from experiments import bench_memory
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MODEL_KINDS = ('dense', 'switch', 'gshard')
+
+
+@dataclasses.dataclass
+class Settings:
+  """Everything a run measures: one field per flag of the same name (see
+  `python -m experiments.benchmark --help` for the meaning of each)."""
+  dispatchers: Sequence[str] = ('einsum', 'gather', 'ragged')
+  num_experts: Sequence[int] = (8, 64, 256)
+  top_k: Sequence[int] = (1, 2)
+  tokens: int = 8192
+  d_model: int = 512
+  d_ff: int = 2048
+  group_size: int = 4096
+  capacity_factor: float = 1.25
+  repeats: int = 5
+  dtype: str = 'float32'
+  matmul_size: int = 0  # 0: 2048 on CPU, 8192 on accelerators
+  model_sizes: Sequence[str] = ('tiny', 'small')
+  model_kinds: Sequence[str] = MODEL_KINDS
+  model_steps: int = 5
+  memory_budget_gb: float = 0.0  # 0: a fraction of the device's free memory
+  profile: bool = False
+  skip_layer: bool = False
+  skip_model: bool = False
+  dry_run: bool = False
+
+
+QUICK = dict(num_experts=(4, 8), top_k=(1, 2), tokens=512, d_model=64,
+             d_ff=128, group_size=256, repeats=2, matmul_size=1024,
+             model_sizes=('tiny',), model_steps=2)
+
+
+def machine_info() -> dict:
+  """Backend, device kind and count, versions, host CPU count."""
+  device = jax.devices()[0]
+  return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+          'device_count': jax.device_count(), 'jax_version': jax.__version__,
+          'python': platform.python_version(), 'cpu_count': os.cpu_count()}
+
+
+def _block(tree):
+  return jax.block_until_ready(tree)
+
+
+def error_status(error: Exception) -> str:
+  return f'error: {type(error).__name__}: {str(error)[:200]}'
+
+
+_COMPILED = {}  # id(fn) -> (fn, executable): the dense FFN recurs per group
+
+
+def _compile(fn: Callable, args: tuple):
+  """jax.jit(fn) compiled for args; reused when the same fn object recurs
+  (callers pass the same args with it)."""
+  if id(fn) not in _COMPILED:
+    _COMPILED[id(fn)] = (fn, jax.jit(fn).lower(*args).compile())
+  return _COMPILED[id(fn)][1]
+
+
+def clear_compiled() -> None:
+  """Frees the executables kept for recurring functions."""
+  _COMPILED.clear()
+
+
+def _compile_and_warm(fn: Callable, args: tuple,
+                      budget: Optional[int]) -> tuple:
+  """(executable or None, result or None): compiled, held against the
+  budget (memory_analysis), then called once (allocations, autotuning)."""
+  try:
+    executable = _compile(fn, args)
+  except Exception as error:  # pylint: disable=broad-except
+    return None, {'seconds': None, 'status': error_status(error)}
+  fields = memory_fields(executable)
+  status = bench_memory.compiled_gate(fields['compiled_mib'], budget)
+  if status:
+    return None, dict(seconds=None, status=status, **fields)
+  try:
+    _block(executable(*args))
+  except Exception as error:  # pylint: disable=broad-except
+    return None, dict(seconds=None, status=error_status(error), **fields)
+  return executable, None
+
+
+def time_interleaved(entries: dict, repeats: int,
+                     budget: Optional[int] = None) -> dict:
+  """Times jitted functions round-robin: a slow spell of a shared machine
+  hits all of them alike, so their ratios stay meaningful.
+
+  Each is compiled first (not timed), skipped if its compiled memory is
+  over `budget`, and called once to warm up; then `repeats` rounds call
+  each once, blocked with jax.block_until_ready. On accelerators each timed
+  call follows an untimed call of the same function, so that the previous
+  function's after-effects (allocator, clocks, caches) are not charged to
+  it: without it an H100 timed the dense FFN up to 40% slower right after
+  an E=256 layer. On CPU the effect is under ~10% of calls that take
+  seconds, and drift dominates. Outputs are freed after the clock stops.
+
+  Args:
+    entries: {name: (fn, args)}.
+    repeats: timed calls per entry.
+    budget: bytes an entry's compiled program may hold; None: no limit.
+
+  Returns:
+    {name: {'seconds' (median), 'repeat_seconds', 'status', 'temp_mib',
+    'compiled_mib', 'device_peak_mib'}}; an entry that failed (e.g. out of
+    memory) or was skipped has seconds None and status 'error: ...' or
+    'skipped: ...'.
+  """
+  compiled, out = {}, {}
+  for name, (fn, args) in entries.items():
+    executable, failed = _compile_and_warm(fn, args, budget)
+    if executable is None:
+      out[name] = failed
+    else:
+      compiled[name] = executable
+  times = {name: [] for name in compiled}
+  settle = jax.default_backend() != 'cpu'
+  for _ in range(repeats):
+    for name, executable in compiled.items():
+      args = entries[name][1]
+      if settle:
+        _block(executable(*args))  # untimed; freed before the clock starts
+      start = time.perf_counter()
+      result = _block(executable(*args))
+      times[name].append(time.perf_counter() - start)
+      del result
+  for name, executable in compiled.items():
+    out[name] = dict(seconds=statistics.median(times[name]),
+                     repeat_seconds=times[name], status='ok',
+                     **memory_fields(executable))
+  return out
+
+
+def memory_fields(compiled) -> dict:
+  """temp_mib: the executable's scratch memory and compiled_mib: its
+  arguments + outputs + scratch (memory_analysis); device_peak_mib: the
+  device's peak so far (memory_stats; GPU/TPU only)."""
+  out = {'temp_mib': None, 'compiled_mib': None, 'device_peak_mib': None}
+  total = bench_memory.compiled_bytes(compiled)
+  if total is not None:
+    out['temp_mib'] = round(
+        compiled.memory_analysis().temp_size_in_bytes / 2**20, 2)
+    out['compiled_mib'] = round(total / 2**20, 2)
+  stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)()
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_mib'] = round(stats['peak_bytes_in_use'] / 2**20, 2)
+  return out
+
+
+def matmul_size(settings: Settings) -> int:
+  """N of the peak matmul: --matmul_size, else 2048 on CPU, 8192 else."""
+  return settings.matmul_size or (
+      2048 if jax.default_backend() == 'cpu' else 8192)
+
+
+def matmul_row(settings: Settings, budget: Optional[int]) -> dict:
+  """Times a [N, N] x [N, N] matmul; its FLOP/s is the reference peak
+  (None when the row is skipped: over budget, or --dry_run)."""
+  n, dtype = matmul_size(settings), DTYPES[settings.dtype]
+  estimate = bench_memory.matmul_bytes(n, jnp.dtype(dtype).itemsize)
+  row = {'kind': 'matmul', 'size': n, 'dtype': settings.dtype,
+         'seconds': None, 'flops': 2 * n ** 3, 'flops_per_s': None,
+         'estimate_mib': bench_memory.mib(estimate['total']),
+         'status': bench_memory.gate(estimate, budget, settings.dry_run)}
+  if row['status'] != 'ok':
+    return row
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype)
+          for i in (0, 1))
+  result = time_interleaved({'matmul': (jnp.matmul, (a, b))},
+                            max(settings.repeats, 3), budget)['matmul']
+  row.update(result)
+  if row['seconds']:
+    row['flops_per_s'] = row['flops'] / row['seconds']
+  return row

@@ -1,0 +1,199 @@
+"""One command-line style (experiments/cli.py) for every `python -m
+experiments.X`: argparse through cli.Parser, a bad flag is one stderr line
+`error: ... (see --help)` naming it and exit code 2, and --help says what
+the program does and its exit codes.
+
+In-process and parse-only (nothing is timed, imported or trained): the
+programs without a test file of their own (benchmark_decode, hf_parity,
+hf_import_memory, finetune_baselines) get their flags checked here.
+"""
+
+import ast
+import os
+
+import pytest
+
+from experiments import benchmark_decode
+from experiments import finetune_baselines
+from experiments import hf_import_memory
+from experiments import hf_parity
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# python -m experiments.X -> the module that parses its flags.
+PROGRAMS = {'benchmark': 'benchmark', 'benchmark_decode': 'benchmark_decode',
+            'convert': 'convert', 'demo': 'demo',
+            'finetune_baselines': 'finetune_baselines',
+            'generate': 'generate', 'hf_import_memory': 'hf_import_memory',
+            'hf_parity': 'hf_parity', 'readme_table': 'readme_table',
+            'sweep': 'sweep.cli', 'train': 'train'}
+
+
+def _source(module: str) -> str:
+  path = os.path.join(REPO, 'experiments', *module.split('.')) + '.py'
+  with open(path, encoding='utf-8') as f:
+    return f.read()
+
+
+def test_every_program_is_listed():
+  mains = set()
+  for root, _, files in os.walk(os.path.join(REPO, 'experiments')):
+    for name in files:
+      if name.endswith('.py'):
+        with open(os.path.join(root, name), encoding='utf-8') as f:
+          if "__name__ == '__main__'" in f.read():
+            rel = os.path.relpath(os.path.join(root, name[:-3]),
+                                  os.path.join(REPO, 'experiments'))
+            mains.add(rel.replace(os.sep, '.').replace('.__main__', ''))
+  assert mains == set(PROGRAMS)
+
+
+@pytest.mark.parametrize('program', sorted(PROGRAMS))
+def test_program_parses_with_cli_parser_not_absl(program):
+  source = _source(PROGRAMS[program])
+  imported = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      imported |= {a.name.split('.')[0] for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      imported.add(node.module.split('.')[0])
+  assert 'absl' not in imported
+  assert 'argparse.ArgumentParser(' not in source
+  assert 'cli.Parser' in source
+
+
+def test_no_absl_in_experiments_or_moejax():
+  for package in ('experiments', 'moejax'):
+    for root, _, files in os.walk(os.path.join(REPO, package)):
+      for name in files:
+        if name.endswith('.py'):
+          with open(os.path.join(root, name), encoding='utf-8') as f:
+            tree = ast.parse(f.read())
+          for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(
+                node, ast.Import) else [node.module or ''] if isinstance(
+                    node, ast.ImportFrom) else [])
+            assert not any(n.split('.')[0] == 'absl' for n in names), name
+
+
+@pytest.mark.parametrize('program', sorted(PROGRAMS))
+def test_help_says_what_and_exit_codes(program, capsys):
+  module = __import__(f'experiments.{PROGRAMS[program]}',
+                      fromlist=['main'])
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(['--help'])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f'usage: python -m experiments.{program} ')
+  assert 'exit codes' in out.lower()
+  assert 'error: ' in out  # how a user error looks
+
+
+def _bad_flag(capsys, main, argv, flag, allowed):
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  lines = captured.err.splitlines()
+  assert len(lines) == 1, captured.err
+  assert lines[0].startswith('error: ') and lines[0].endswith('(see --help)')
+  assert flag in lines[0] and allowed in lines[0], lines[0]
+
+
+# ---------------------------------------------------------- benchmark_decode
+TINY = ['--d_model', '16', '--num_heads', '2', '--num_layers', '1',
+        '--d_ff', '8', '--vocab_size', '32']
+
+
+def test_benchmark_decode_defaults_are_the_absl_ones():
+  args = benchmark_decode.build_parser().parse_args([])
+  assert vars(args) == dict(
+      batch_sizes=(1, 64), d_model=512, num_layers=4, num_heads=8,
+      d_ff=1024, num_experts=8, top_k=2, vocab_size=256, prompt_len=64,
+      new_tokens=33, repeats=3, dispatchers=('auto', 'gather', 'ragged'),
+      json=None)
+
+
+def test_benchmark_decode_flags_reach_the_models():
+  args = benchmark_decode.parse_args(
+      TINY + ['--batch_sizes=2,3', '--num_experts', '4', '--top_k=1',
+              '--dispatchers', 'per_token,einsum'])
+  assert args.batch_sizes == (2, 3)
+  assert args.dispatchers == ('per_token', 'einsum')
+  nets = benchmark_decode.models(args)
+  assert nets['dense'].d_ff == 8 and nets['moe'].d_ff == 8  # K * F = 1 * 8
+  assert nets['moe'].moe['num_experts'] == 4 and nets['moe'].moe['top_k'] == 1
+  assert nets['moe'].num_layers == 1 and nets['moe'].vocab_size == 32
+
+
+@pytest.mark.parametrize('argv, flag, allowed', [
+    (['--batch_sizes', '1,0'], '--batch_sizes',
+     'a comma-separated list of ints >= 1'),
+    (['--batch_sizes', ''], '--batch_sizes', 'ints >= 1'),
+    (['--d_model', 'wide'], '--d_model', 'an int >= 1'),
+    (['--new_tokens', '1'], '--new_tokens', 'an int >= 2'),
+    (['--dispatchers', 'auto,fast'], '--dispatchers', 'auto, einsum, gather'),
+    (TINY + ['--top_k', '9'], '--top_k, --num_experts',
+     'top_k=9 must be <= num_experts=8'),
+    (TINY + ['--num_heads', '3'], '--num_heads, --d_model',
+     'num_heads=3 must divide d_model=16'),
+    (TINY + ['--json', '/nonexistent/dir/x.json'], '--json',
+     'does not exist'),
+    (['--batch_size', '1'], '--batch_size', 'unrecognized arguments'),
+    (['64'], '64', 'unrecognized arguments'),
+])
+def test_benchmark_decode_bad_flag(capsys, argv, flag, allowed):
+  _bad_flag(capsys, benchmark_decode.main, argv, flag, allowed)
+
+
+# ----------------------------------------------------------------- hf_parity
+def test_hf_parity_defaults_find_the_fixtures():
+  args = hf_parity.parse_args([])
+  assert args.fixtures == os.path.join('tests', 'fixtures', 'hf')
+  assert args.out == os.path.join('results', 'hf_parity.md')
+  names = hf_parity.fixture_names(os.path.join(REPO, 'tests', 'fixtures',
+                                               'hf'))
+  assert 'mixtral' in names and names == sorted(names)
+
+
+@pytest.mark.parametrize('argv, flag, allowed', [
+    (['--fixtures', '/nonexistent'], '--fixtures', 'does not exist'),
+    (['--fixtures', os.path.join(REPO, 'setup.py')], '--fixtures',
+     'is not a directory'),
+    (['--fixtures', REPO], '--fixtures', 'holds no model directory with a '
+     'reference.npz'),
+    (['--output', 'x.md'], '--output', 'unrecognized arguments'),
+])
+def test_hf_parity_bad_flag(capsys, argv, flag, allowed):
+  _bad_flag(capsys, hf_parity.main, argv, flag, allowed)
+
+
+# ---------------------------------------------------------- hf_import_memory
+def test_hf_import_memory_defaults_are_the_absl_ones():
+  assert vars(hf_import_memory.parse_args([])) == dict(
+      dir='/tmp/moejax_big_mixtral', keep=False, num_layers=8, d_model=1024,
+      d_ff=2816, num_experts=8, vocab_size=32000)
+  assert hf_import_memory.parse_args(['--keep']).keep
+
+
+@pytest.mark.parametrize('argv, flag, allowed', [
+    (['--num_layers', '0'], '--num_layers', 'an int >= 1'),
+    (['--d_model', '24'], '--d_model', 'divisible by 16'),
+    (['--num_experts', '1'], '--num_experts', 'an int >= 2'),
+    (['--dir', os.path.join(REPO, 'setup.py')], '--dir', 'is a file'),
+    (['--keep=yes'], '--keep', 'ignored explicit argument'),
+])
+def test_hf_import_memory_bad_flag(capsys, argv, flag, allowed):
+  _bad_flag(capsys, hf_import_memory.main, argv, flag, allowed)
+
+
+# -------------------------------------------------------- finetune_baselines
+@pytest.mark.parametrize('argv, flag, allowed', [
+    ([], '--part', 'allowed values: upcycle, finetune'),
+    (['--part', 'pretrain'], '--part', "'upcycle', 'finetune'"),
+    (['--part', 'upcycle', '--size', 'base'], '--size', "'tiny', 'small'"),
+    (['--evaluate', 'w', '--domains', '6,x'], '--domains', 'ints >= 0'),
+])
+def test_finetune_baselines_bad_flag(capsys, argv, flag, allowed):
+  _bad_flag(capsys, finetune_baselines.main, argv, flag, allowed)
+
