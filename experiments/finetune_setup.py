@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 import flax
@@ -60,7 +61,7 @@ def _allowed(values) -> str:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Ranges and combinations of init.* and finetune.*; raises ValueError
   naming the key."""
-  i, f, moe = config.init, config.finetune, config.model.moe
+  i, moe = config.init, config.model.moe
   if i.upcycle:
     _require('init.upcycle', True, bool(i.from_workdir),
              'False, or True with init.from_workdir (--init_from) set to '
@@ -98,7 +99,7 @@ def _check_finetune(config: ml_collections.ConfigDict) -> None:
            'an int >= 1')
   for pattern in f.freeze:
     try:
-      __import__('re').compile(pattern)
+      re.compile(pattern)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f'finetune.freeze: {pattern!r} is not a regular '
                        f'expression ({e}).') from e
@@ -290,12 +291,14 @@ def _fresh_variables(config, model, input_shape) -> dict:
   return {'params': variables.pop('params'), 'model_state': variables}
 
 
-def start_variables(config, model, input_shape) -> tuple[dict, str]:
-  """Step-0 variables of a prepared start, and what they are (one line)."""
+def start_variables(config, model, input_shape
+                    ) -> tuple[dict, str, Optional[dict]]:
+  """Step-0 variables of a prepared start, what they are (one line), and
+  the source's restored variables (None without a source)."""
   target = _fresh_variables(config, model, input_shape)
   source_dir, i = config.init.from_workdir, config.init
   if not source_dir:
-    return target, f'init: fresh params from seed {config.seed}'
+    return target, f'init: fresh params from seed {config.seed}', None
   step, source = init_source.restore_init_variables(
       source_dir, init_source.saved_abstract(source_dir))
   if i.upcycle:
@@ -306,7 +309,8 @@ def start_variables(config, model, input_shape) -> tuple[dict, str]:
     return ({'params': params, 'model_state': target['model_state']},
             f'init: upcycled the dense {source_dir} (checkpoint {step}): '
             f'experts copied from its FFNs, router {i.upcycle_router}, '
-            f'noise {i.upcycle_noise}, drop ratio {i.drop_upcycle_ratio}')
+            f'noise {i.upcycle_noise}, drop ratio {i.drop_upcycle_ratio}',
+            source)
   grafted = graft(source, target)
   grafted = jax.tree.map(lambda s, t: np.asarray(s).astype(t.dtype),
                          grafted, target)
@@ -314,7 +318,7 @@ def start_variables(config, model, input_shape) -> tuple[dict, str]:
                    f'(checkpoint {step}) plus fresh LoRA adapters (B = 0)'
                    if config.finetune.lora_rank else
                    f'init: params and model state of {source_dir} '
-                   f'(checkpoint {step})')
+                   f'(checkpoint {step})'), source
 
 
 def _eval_loss(config, model, variables: dict, eval_data) -> dict:
@@ -329,16 +333,16 @@ def _eval_loss(config, model, variables: dict, eval_data) -> dict:
                        variables['model_state'] or None)
 
 
-def preservation_report(config, model, variables: dict, eval_data) -> str:
+def preservation_report(config, model, variables: dict, source: dict,
+                        eval_data) -> str:
   """One line: the upcycled model's step-0 eval loss against the dense
-  source's, and why they differ when they do."""
+  source's (`source`: its restored variables), and why they differ when
+  they do."""
   from experiments import config_lib  # pylint: disable=g-import-not-at-top
   from experiments import workdir_config  # pylint: disable=g-import-not-at-top
   source_dir = config.init.from_workdir
   source_config = workdir_config.load_stored_config(source_dir)
   source_model = config_lib.build_model(source_config)
-  _, source = init_source.restore_init_variables(
-      source_dir, init_source.saved_abstract(source_dir))
   dense = _eval_loss(config, source_model, source, eval_data)['eval/loss']
   moe_record = _eval_loss(config, model, variables, eval_data)
   moe, drops = moe_record['eval/loss'], moe_record['eval/drop_fraction']
@@ -379,10 +383,10 @@ def prepare_start(config, workdir: str, model, mesh, train_loader,
   """
   from experiments import config_lib  # pylint: disable=g-import-not-at-top
   input_shape = (train_loader.batch_size, train_loader.seq_len)
-  variables, what = start_variables(config, model, input_shape)
+  variables, what, source = start_variables(config, model, input_shape)
   log(what)
   if config.init.upcycle:
-    log(preservation_report(config, model, variables, eval_data))
+    log(preservation_report(config, model, variables, source, eval_data))
   rows = None
   if config.finetune.train_experts == 'topk_used':
     rows, counts = esft_rows(config, model, variables, train_loader)

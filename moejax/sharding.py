@@ -226,7 +226,7 @@ def check_batch_size(mesh: MeshLike, batch_size: int) -> None:
                      f'the batch shards mesh.data * mesh.expert = {shards}.')
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
   """Dict keys and attribute names of a key path (indices dropped)."""
   names = []
   for key in path:
@@ -297,7 +297,7 @@ def tree_partition_specs(tree: Any, mesh: MeshLike) -> Any:
     The same structure with a PartitionSpec per leaf.
   """
   def spec(path, leaf):
-    axes = logical_axes(_path_names(path), len(leaf.shape))
+    axes = logical_axes(path_names(path), len(leaf.shape))
     return partition_spec(leaf.shape, axes, mesh)
 
   return jax.tree_util.tree_map_with_path(spec, tree)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moejax import sharding
 from moejax.lora import LORA_SUFFIXES
 
 TRAIN, FROZEN, ROWS = 'train', 'frozen', 'rows'
@@ -73,13 +74,7 @@ class FinetunePlan:
 
 def path_name(path) -> str:
   """'block_1/ffn/experts/wi' of a jax key path (dict keys / attributes)."""
-  names = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      names.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      names.append(key.name)
-  return '/'.join(names)
+  return '/'.join(sharding.path_names(path))
 
 
 def is_lora(name: str) -> bool:
