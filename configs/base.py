@@ -137,7 +137,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       granularity=1, num_shared_experts=0, shared_d_ff=None,
       shared_gate=False,
       slots_per_expert=1, soft_normalize=False,  # Soft MoE
-      group_size=None, moe_every=1, first_dense_layers=0,
+      # Routing groups: None = one per sequence; k * seq_len with
+      # group_order='position' = Switch/GShard's groups of k documents,
+      # position-major (causal-safe; moejax/grouping.py).
+      group_size=None, group_order='sequence',
+      moe_every=1, first_dense_layers=0,
       dense_layers=[],  # further always-dense blocks (Qwen mlp_only_layers)
       # DeepSeek-V2 scores a group by its best expert ('max'); V3's fixed
       # e_score_correction_bias is a selection bias in 'moe_state'.

@@ -52,7 +52,13 @@ def get_sweeps(arg=None):
                 FFN FLOPs per token at every K.
     capacity    capacity factor in {0.5, 1.0, 1.25, 2.0, None (dropless)},
                 the same for training and eval, so the eval drop fraction
-                and loss reflect it.
+                and loss reflect it. One routing group per sequence.
+    capacity_groups  the same capacity factors with Switch / GShard's
+                groups of many documents: one group holds the whole batch
+                (group_size = batch_size * seq_len), ordered position-major
+                (group_order='position', causal-safe; moejax/grouping.py).
+                No dropless point: without drops the grouping changes only
+                the per-group balance loss.
     balance     aux_loss_weight in {0, 1e-4, 1e-3, 1e-2, 1e-1, 1}: 1 is
                 past the published range, to show what too much costs.
     seeds       the config unchanged at seeds 0, 1, 2.
@@ -70,16 +76,23 @@ def get_sweeps(arg=None):
   Returns:
     {sweep name: [{dotted key: value}, ...]}.
   """
-  d_ff = get_config(arg).model.d_ff
+  config = get_config(arg)
+  d_ff = config.model.d_ff
+  batch_tokens = config.train.batch_size * config.data.seq_len
   moe = 'model.moe.'
+  cfs = (0.5, 1.0, 1.25, 2.0, None)
   return {
       'experts': [{moe + 'num_experts': e} for e in (1, 2, 4, 8, 16, 32)],
       'topk': [{moe + 'top_k': k} for k in (1, 2, 4)],
       'topk_flops': [{moe + 'top_k': k, 'model.d_ff': d_ff // k}
                      for k in (1, 2, 4)],
       'capacity': [{moe + 'capacity_factor': cf,
-                    moe + 'eval_capacity_factor': cf}
-                   for cf in (0.5, 1.0, 1.25, 2.0, None)],
+                    moe + 'eval_capacity_factor': cf} for cf in cfs],
+      'capacity_groups': [{moe + 'capacity_factor': cf,
+                           moe + 'eval_capacity_factor': cf,
+                           moe + 'group_size': batch_tokens,
+                           moe + 'group_order': 'position'}
+                          for cf in cfs[:-1]],
       'balance': [{moe + 'aux_loss_weight': w}
                   for w in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
       'seeds': [{'seed': s} for s in (0, 1, 2)],

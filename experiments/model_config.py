@@ -20,6 +20,7 @@ from experiments.config_keys import flatten
 from experiments.config_keys import is_int as _is_int
 from experiments.config_keys import require as _require
 from moejax import ACTIVATIONS
+from moejax import grouping
 from moejax.models import EncoderClassifier, TransformerLM
 
 # float16 is left out: it would need loss scaling.
@@ -35,6 +36,7 @@ MOE_LAYER_KEYS = ('num_experts', 'top_k', 'capacity_factor',
                   'granularity',
                   'num_shared_experts', 'shared_d_ff', 'shared_gate',
                   'slots_per_expert', 'soft_normalize', 'group_size',
+                  'group_order',
                   'allow_noncausal_routing')
 TASKS = ('lm', 'classify')  # model.task: TransformerLM | EncoderClassifier
 MLA_KEYS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
@@ -128,12 +130,8 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         'model.moe.first_dense_layers + model.moe.moe_every <= '
         f'{m.num_layers}{" with fewer dense_layers" if dense else ""}, or '
         'model.moe.num_experts=0 for a dense model.')
-  tokens = t.batch_size * d.seq_len
-  if moe.num_experts and moe.group_size and tokens % moe.group_size:
-    raise ValueError(
-        f'model.moe.group_size={moe.group_size} does not divide the {tokens} '
-        f'tokens of a batch (train.batch_size={t.batch_size} x data.seq_len='
-        f'{d.seq_len}); allowed values: None or a divisor of {tokens}.')
+  if moe.num_experts:
+    _check_groups(config)
   for name in ('aux_loss_weight', 'z_loss_weight'):
     _require(f'model.moe.{name}', moe[name], moe[name] >= 0, '>= 0')
   if (moe.num_experts and moe.second_expert_policy == 'random' and
@@ -142,6 +140,30 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         f"model.moe.second_expert_policy='random' drops 2nd-and-later "
         f'expert choices, but model.moe.top_k={moe.top_k} makes none; '
         "allowed values: 'all' with top_k=1, or model.moe.top_k >= 2.")
+
+
+def _check_groups(config: ml_collections.ConfigDict) -> None:
+  """model.moe.group_size / group_order against the batch: groups divide
+  it, 'position' groups hold whole sequences, and the causal LM refuses a
+  layout that lets a token see later positions (moejax.grouping)."""
+  moe, t, d = config.model.moe, config.train, config.data
+  tokens = t.batch_size * d.seq_len
+  if moe.group_size and tokens % moe.group_size:
+    raise ValueError(
+        f'model.moe.group_size={moe.group_size} does not divide the {tokens} '
+        f'tokens of a batch (train.batch_size={t.batch_size} x data.seq_len='
+        f'{d.seq_len}); allowed values: None or a divisor of {tokens}.')
+  try:
+    leak = grouping.causal_group_leak(moe.group_size, moe.group_order,
+                                      d.seq_len)
+  except ValueError as e:
+    raise _prefixed(e) from e
+  if leak and config.model.task == 'lm' and not moe.allow_noncausal_routing:
+    raise ValueError(
+        f'{_prefixed(ValueError(leak)).args[0]}, which the causal LM '
+        "must not see; allowed: model.moe.group_order='position' with "
+        f'group_size a multiple of {d.seq_len}, or a group_size dividing '
+        f'{d.seq_len} (or model.moe.allow_noncausal_routing=True).')
 
 
 def _check_decoder(config: ml_collections.ConfigDict) -> None:

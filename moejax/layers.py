@@ -54,6 +54,7 @@ import jax.numpy as jnp
 
 from moejax import capacity as capacity_lib
 from moejax import dispatch as dispatch_lib
+from moejax import grouping
 from moejax import losses
 from moejax import lora as lora_lib
 from moejax import routers
@@ -136,6 +137,7 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
   _check_positive_int('capacity_multiple_of', layer.capacity_multiple_of)
   if layer.group_size is not None:
     _check_positive_int('group_size', layer.group_size)
+  grouping.check_group_order(layer.group_order)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
   routing.check_choice('priority', layer.priority, routing.PRIORITIES)
   routing.check_choice('aux_loss_scope', layer.aux_loss_scope,
@@ -215,6 +217,11 @@ class MoeLayer(nn.Module):
       'per_token' (gathers each token's K experts' weights; decoding).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     group_size: S; None = one group per sequence (S = L).
+    group_order: how groups are laid out (moejax.grouping): 'sequence'
+      (the batch's tokens in order, cut every S) | 'position' (groups of
+      S/L whole sequences, position-major: Switch/GShard's many-document
+      groups, causal-safe). A causal layer refuses 'sequence' groups that
+      span sequences (unless allow_noncausal_routing).
     pad_to_group: if B*L is not a multiple of S, pad with padding tokens
       instead of raising.
     causal: the layer sits in a causal model; non-causal routing (a router
@@ -264,6 +271,7 @@ class MoeLayer(nn.Module):
   dispatcher: str = 'gather'
   activation: str = 'relu'
   group_size: Optional[int] = None
+  group_order: str = 'sequence'
   pad_to_group: bool = False
   causal: bool = False
   allow_noncausal_routing: bool = False
@@ -295,19 +303,18 @@ class MoeLayer(nn.Module):
     return self.granularity * self.top_k
 
   def _group(self, x: jax.Array, valid: jax.Array):
-    """[B, L, D], [B, L] -> [G, S, D], [G, S] (padding groups if asked)."""
-    b, l, d = x.shape
-    s = self.group_size or l
-    tokens = b * l
-    pad = -tokens % s
-    if pad and not self.pad_to_group:
+    """[B, L, D], [B, L] -> [G, S, D], [G, S] (moejax.grouping; a causal
+    layer refuses a layout that lets a token see later positions)."""
+    leak = grouping.causal_group_leak(self.group_size, self.group_order,
+                                      x.shape[1])
+    if leak and self.causal and not self.allow_noncausal_routing:
       raise ValueError(
-          f'group_size={s} does not divide the {tokens} tokens of a '
-          f'[{b}, {l}] batch; choose a divisor of {tokens} or set '
-          'pad_to_group=True.')
-    x = jnp.pad(x.reshape(tokens, d), ((0, pad), (0, 0)))
-    valid = jnp.pad(valid.reshape(tokens), (0, pad))  # padded: invalid
-    return x.reshape(-1, s, d), valid.reshape(-1, s)
+          f"{leak}, which a causal model must not see; use "
+          "group_order='position' (groups of whole sequences, "
+          'position-major) or a group_size that divides the sequence '
+          'length (or set allow_noncausal_routing=True to accept the leak).')
+    return grouping.to_groups(x, valid, self.group_size, self.group_order,
+                              self.pad_to_group)
 
   def _capacity(self, spec: routers.RouterSpec, s: int,
                 deterministic: bool) -> Optional[int]:
@@ -408,7 +415,7 @@ class MoeLayer(nn.Module):
       valid = ~padding_mask.astype(bool)
     xg, valid_g = self._group(x, valid)  # [G, S, D], [G, S]
     y, aux = self._routed(xg, valid_g, deterministic)  # [G, S, D]
-    y = y.reshape(-1, d)[:b * l].reshape(b, l, d)
+    y = grouping.from_groups(y, b, l, self.group_size, self.group_order)
     if self.num_shared_experts:
       y = y + self._shared(x, valid).astype(y.dtype)
     return y, aux

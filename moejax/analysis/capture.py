@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax import grouping
 from moejax.analysis.info import nmi_from_joint
 from moejax.analysis.info import score_layer
 
@@ -54,10 +55,22 @@ def _router_decisions(intermediates: Any):
     yield (keys[0] if len(keys) > 2 else 'moe'), keys, value[0]
 
 
-def _top1(decision: Any, b: int, l: int) -> jax.Array:
+def on_tokens(a: jax.Array, model: nn.Module, b: int, l: int) -> jax.Array:
+  """A router's [G, S, ...] array back on the tokens: [B, L, ...].
+
+  Follows the layout of the model's MoE groups (`model.moe`'s group_size
+  and group_order, `moejax.grouping`); a model without a `moe` mapping is
+  read as one group per sequence.
+  """
+  moe = getattr(model, 'moe', None) or {}
+  return grouping.from_groups(a, b, l, moe.get('group_size'),
+                              moe.get('group_order', 'sequence'))
+
+
+def _top1(decision: Any, model: nn.Module, b: int, l: int) -> jax.Array:
   """A token-choice decision's first choice per token: [B, L] int32."""
-  idx = decision.expert_index[..., 0].reshape(-1)  # [G * S]
-  return idx[:b * l].reshape(b, l).astype(jnp.int32)
+  return on_tokens(decision.expert_index[..., 0], model, b, l).astype(
+      jnp.int32)
 
 
 def _apply_captured(model: nn.Module, variables: Any, inputs: jax.Array,
@@ -94,7 +107,7 @@ def _routing_pass(model: nn.Module, variables: Any, inputs: jax.Array,
           f'the router at {"/".join(keys[:-1])} returned a '
           f'{type(decision).__name__} without expert_index [G, S, K]; the '
           'specialisation score needs token-choice routing.')
-    top1[layer] = _top1(decision, b, l)
+    top1[layer] = _top1(decision, model, b, l)
   return top1, dict(aux.get('layers', {}))
 
 
@@ -161,7 +174,7 @@ def expert_label_counts(model: nn.Module, variables: Any,
     if not hasattr(decision, 'expert_index') or (
         rest and EXPERT_CHOICE_KEY in rest[-1]):
       continue  # soft / expert-choice routing: no per-token first choice
-    top1 = _top1(decision, b, l)  # [B, L]
+    top1 = _top1(decision, model, b, l)  # [B, L]
     for name, (label, n) in labels.items():
       rows = jnp.stack([label, jnp.roll(label, 1, axis=0)])  # [2, B, L]
       ok = (rows >= 0) & (rows < n)

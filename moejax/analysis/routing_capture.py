@@ -39,6 +39,7 @@ from moejax.analysis.capture import _as_variables
 from moejax.analysis.capture import _router_decisions
 from moejax.analysis.capture import is_router
 from moejax.analysis.capture import layer_order
+from moejax.analysis.capture import on_tokens
 
 # Router modules this capture refuses, by the MoeLayer `router` value.
 UNSUPPORTED_ROUTERS = ((expert_choice.ExpertChoiceRouter, 'expert_choice'),
@@ -88,12 +89,6 @@ def _logit_recorder(logits: dict):
   return interceptor
 
 
-def _on_tokens(a: jax.Array, b: int, l: int) -> jax.Array:
-  """[G, S, ...] -> [B, L, ...]: the first B * L group positions."""
-  flat = a.reshape((-1,) + a.shape[2:])  # [G * S, ...]
-  return flat[:b * l].reshape((b, l) + a.shape[2:])
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _capture_pass(model: nn.Module, variables: Any, tokens: jax.Array,
                   padding_mask: Optional[jax.Array]) -> dict:
@@ -107,7 +102,7 @@ def _capture_pass(model: nn.Module, variables: Any, tokens: jax.Array,
     fields = {'logits': logits[keys[:-1]],
               'expert_index': decision.expert_index, 'gate': decision.gate,
               'kept': decision.kept}
-    out[layer] = {k: _on_tokens(v, b, l) for k, v in fields.items()}
+    out[layer] = {k: on_tokens(v, model, b, l) for k, v in fields.items()}
     out[layer]['expert_load'] = aux['expert_load']
   return out
 
@@ -126,8 +121,9 @@ def capture_routing(model: nn.Module, variables: Any, tokens: Any,
   choices, ...; see `moejax.routing.assign_slots`). A dropped choice adds
   nothing to the token's output (its `gate` is still reported); with
   capacity_factor=None (dropless) every valid choice is kept. When a group
-  spans sequences (`group_size`), a token's `kept` depends on the other
-  tokens of its group, as in the layer.
+  spans sequences (`group_size`, `group_order`: `moejax.grouping`), a
+  token's `kept` depends on the other tokens of its group, in the group's
+  order, as in the layer.
 
   `expert_index` is the layer's choice: top-K of the scores plus any
   selection bias ('moe_state'), within the allowed expert groups; `gate`

@@ -2,9 +2,10 @@
 
 One MoE layer, so a token's router input (and so its top-1 expert, chosen
 before capacity) does not depend on how tokens are grouped: a model with
-one group per sequence and one with groups of 24 tokens across sequences
-(padded) must report the same top-1 expert for every token, which checks the
-[G, S] -> [B, L] mapping of the capture. Two compiles in all.
+one group per sequence, one with groups of 24 tokens across sequences
+(padded) and one with position-major groups of 3 whole sequences (padded)
+must report the same top-1 expert for every token, which checks the
+[G, S] -> [B, L] mapping of the capture for both group orders.
 """
 
 import jax
@@ -54,13 +55,19 @@ def test_top1_matches_the_layers_own_load(setup):
 
 def test_capture_is_independent_of_grouping(setup):
   model, params, batches = setup
-  grouped = _model(group_size=24, pad_to_group=True)  # 64 tokens -> 3 groups
   experts, valid, _ = capture.routing_outputs(model, params, batches)
-  experts_g, valid_g, _ = capture.routing_outputs(grouped, params, batches)
   assert experts['block_0'].shape == (2 * B, L) and valid.all()
-  np.testing.assert_array_equal(experts['block_0'], experts_g['block_0'])
-  np.testing.assert_array_equal(valid, valid_g)
   assert len(np.unique(experts['block_0'])) > 1  # not a trivial routing
+  for layout in (
+      # 64 tokens -> 3 groups of 24, sequences cut mid-way: a causal LM
+      # must opt in to the leak.
+      dict(group_size=24, allow_noncausal_routing=True),
+      # 4 sequences -> 2 groups of 3 (one padding sequence), interleaved.
+      dict(group_size=3 * L, group_order='position')):
+    grouped = _model(pad_to_group=True, **layout)
+    experts_g, valid_g, _ = capture.routing_outputs(grouped, params, batches)
+    np.testing.assert_array_equal(experts['block_0'], experts_g['block_0'])
+    np.testing.assert_array_equal(valid, valid_g)
 
 
 def test_padding_and_missing_domains(setup):

@@ -26,18 +26,49 @@ from tests.conftest import init_key
 
 B, L, V, D, E, K, S = 3, 10, 64, 32, 4, 2, 12
 C = 3  # max(min_capacity=1, ceil(0.5 * S * K / E)): eval capacity
+# 'position' groups: 2 whole sequences each, position-major; B = 3 is
+# padded with a 4th (padding) sequence. C = ceil(0.5 * 20 * 2 / 4) = 5.
+S_POS, C_POS = 2 * L, 5
 LAYERS = ('block_0', 'block_1')
 BIAS = np.array([0.06, -0.05, 0.0, 0.03], np.float32)
-CONFIGS = {'plain': {}, 'renorm_bias': dict(renormalize=True,
-                                            selection_bias=True)}
+# Groups of S = 12 tokens in 'sequence' order span sequences (L = 10): a
+# causal LM must opt in to that leak.
+SEQUENCE = dict(group_size=S, allow_noncausal_routing=True)
+CONFIGS = {'plain': SEQUENCE,
+           'renorm_bias': dict(SEQUENCE, renormalize=True,
+                               selection_bias=True),
+           'position': dict(group_size=S_POS, group_order='position')}
 
 
 def _model(**moe):
   return TransformerLM(
       num_layers=2, d_model=D, num_heads=2, d_ff=32, vocab_size=V,
       moe=dict(num_experts=E, top_k=K, capacity_factor=4.0,
-               eval_capacity_factor=0.5, min_capacity=1, group_size=S,
+               eval_capacity_factor=0.5, min_capacity=1,
                pad_to_group=True, **moe))
+
+
+def _hand_groups(a, config):
+  """[B, L, ...] -> ([G, S, ...], capacity), the layer's groups built by
+  hand: 'sequence' cuts the flat tokens every S (padding the tail);
+  'position' pads B to whole pairs of sequences and interleaves each pair
+  position by position: (b0,t0), (b1,t0), (b0,t1), (b1,t1), ..."""
+  if config.get('group_order') == 'position':
+    a = np.concatenate([a, np.zeros_like(a[:1])])  # [4, L, ...]
+    pairs = [np.stack([a[i], a[i + 1]], axis=1) for i in (0, 2)]
+    return np.stack([p.reshape((S_POS,) + a.shape[2:]) for p in pairs]), C_POS
+  flat = a.reshape((B * L,) + a.shape[2:])
+  pad = -(B * L) % S  # 6 padding positions close the last group
+  flat = np.concatenate([flat, np.zeros_like(flat[:pad])])
+  return flat.reshape((-1, S) + a.shape[2:]), C
+
+
+def _hand_ungroup(a, config):
+  """Inverse of `_hand_groups` for [G, S, ...] -> [B, L, ...]."""
+  if config.get('group_order') == 'position':
+    seqs = a.reshape((2, L, 2) + a.shape[2:]).swapaxes(1, 2)
+    return seqs.reshape((4, L) + a.shape[2:])[:B]
+  return a.reshape((-1,) + a.shape[2:])[:B * L].reshape((B, L) + a.shape[2:])
 
 
 def _padding_mask():
@@ -122,16 +153,15 @@ def test_choices_and_gates_follow_the_logits(case):
 
 
 def test_kept_matches_assign_slots_at_eval_capacity(case):
-  _, _, _, _, mask, routes = case
+  config, _, _, _, mask, routes = case
   valid = ~mask
-  pad = -(B * L) % S  # 6 padding positions close the last group
-  request = np.pad(valid.reshape(-1), (0, pad)).reshape(-1, S)  # [G, S]
+  request, capacity = _hand_groups(valid, config)  # [G, S]
   request = np.repeat(request[..., None], K, -1)  # [G, S, K]
   for layer in LAYERS:
     r = routes[layer]
-    index = np.pad(r.expert_index.reshape(-1, K), ((0, pad), (0, 0)))
-    _, kept = routing.assign_slots(index.reshape(-1, S, K), request, E, C)
-    expected = np.asarray(kept).reshape(-1, K)[:B * L].reshape(B, L, K)
+    index, _ = _hand_groups(r.expert_index, config)  # [G, S, K]
+    _, kept = routing.assign_slots(index, request, E, capacity)
+    expected = _hand_ungroup(np.asarray(kept), config)
     assert r.kept.dtype == np.bool_
     np.testing.assert_array_equal(r.kept, expected)
     assert not r.kept[mask].any()  # padding is never kept

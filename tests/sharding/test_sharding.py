@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 CHECKS = [os.path.join('tests', 'sharding', name)
           for name in ('multidevice_checks.py', 'trainer_checks.py')]
-# Tests in CHECKS, parametrized cases counted: 16 layer + 6 trainer.
-NUM_CHECKS = 23
+# Tests in CHECKS, parametrized cases counted: 18 layer + 6 trainer.
+NUM_CHECKS = 24
 
 
 def test_multidevice_checks():

@@ -70,6 +70,8 @@ BAD = [
      ["'model.moe.num_expert'", 'Did you mean model.moe.num_experts']),
     ('unknown', 'switch', 'model.moe.router', 'no_such_router',
      ["model.moe.router='no_such_router'", "allowed values: 'topk'"]),
+    ('unknown', 'switch', 'model.moe.group_order', 'rows',
+     ["model.moe.group_order='rows'", "'sequence', 'position'"]),
     ('unknown', 'switch', 'model.moe.dispatcher', 'scatter',
      ["model.moe.dispatcher='scatter'", "'gather'"]),
     ('unknown', 'gshard', 'model.moe.second_expert_policy', 'sometimes',
@@ -85,6 +87,11 @@ BAD = [
      ['model.moe.top_k=5 must be <= model.moe.num_experts=4']),
     ('contradiction', 'switch', 'model.moe.group_size', '7',
      ['model.moe.group_size=7', 'None or a divisor of 64']),
+    # groups of 2 sequences (L = 16) in memory order: a causal leak
+    ('contradiction', 'switch', 'model.moe.group_size', '32',
+     ["model.moe.group_size=32 with model.moe.group_order='sequence'",
+      "which the causal LM must not see; allowed: "
+      "model.moe.group_order='position' with group_size a multiple of 16"]),
     ('contradiction', 'switch', 'model.moe.first_dense_layers', '2',
      ['model.moe.first_dense_layers=2', 'leaves no MoE layer',
       'model.moe.first_dense_layers + model.moe.moe_every <= 2']),
@@ -173,7 +180,8 @@ BAD += [
 BAD_MESH_PAIRS = [
     # B=4 sequences of L=16 in groups of S=32: G = 4 * 16 / 32 = 2 groups,
     # not divisible by the 4 batch shards (B = 4 is).
-    ('switch', {'mesh.data': 4, 'model.moe.group_size': 32},
+    ('switch', {'mesh.data': 4, 'model.moe.group_size': 32,
+                'model.moe.group_order': 'position'},
      ['G=2 groups', 'must be divisible by the batch shards mesh.data * '
       'mesh.expert = 4']),
     ('dense', {'mesh.data': -1, 'mesh.expert': -1},
