@@ -41,6 +41,7 @@ import numpy as np
 
 from configs import finetune as finetune_configs
 from experiments import cli
+from experiments import provenance
 from experiments import config_lib
 from experiments import finetune_setup
 from experiments import workdir_config
@@ -200,15 +201,6 @@ def run_finetune(root: str, size: str) -> tuple[list, list]:
                  for r in rows]
 
 
-def _commit() -> str:
-  out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO,
-                       capture_output=True, text=True, check=False)
-  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files'
-                          '=no'], cwd=REPO, capture_output=True, text=True,
-                         check=False).stdout.strip()
-  return out.stdout.strip() + (' (plus uncommitted changes)' if dirty else '')
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one part and writes results/<part>_<size>.md and .json."""
   parser = cli.Parser(prog='python -m experiments.finetune_baselines',
@@ -256,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       f'Command: `{command}`  ',
       f'Machine: {platform.system()} {platform.machine()}, '
       f'{os.cpu_count()} CPU cores, jax {jax.__version__}, commit '
-      f'{_commit()}; {time.time() - start:.0f} s in all', '', *lines, ''])
+      f'{provenance.commit()}; {time.time() - start:.0f} s in all', '', *lines, ''])
   os.makedirs(args.results, exist_ok=True)
   name = os.path.join(args.results, f'{args.part}_{args.size}')
   with open(name + '.md', 'w', encoding='utf-8') as f:

@@ -237,3 +237,35 @@ def test_citation_version_matches_setup():
   assert f'\nversion: "{version}"\n' in cff
   for key in ('message:', 'title:', 'authors:', 'date-released:'):
     assert f'\n{key}' in cff
+
+
+def test_header_names_the_stdlib_corpus(tmp_path, monkeypatch):
+  """A sweep on python_stdlib records the corpus's provenance line, once
+  per (data_dir, example_len); other data adds none."""
+  from experiments.sweep import cli as sweep_cli  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def fake_info(data_dir, example_len):
+    seen.append((data_dir, example_len))
+    return {'python_version': '3.11.7', 'root': '/x',
+            'content_sha256': 'ab' * 32, 'num_files': 3,
+            'splits': {'train': {'bytes': 2.5e6},
+                       'validation': {'bytes': 0.5e6}}}
+
+  monkeypatch.setattr(sweep_cli.data_lib, 'stdlib_corpus_info', fake_info)
+  runs = []
+  for i, name in enumerate(('python_stdlib', 'python_stdlib',
+                            'synthetic_mixture')):
+    workdir = tmp_path / f'run{i}'
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(json.dumps(
+        {'data': {'name': name, 'data_dir': str(tmp_path),
+                  'example_len': 129}}))
+    runs.append(points_lib.Run(name=f'r{i}', group='g', seed=i, point={},
+                               overrides={}, config='c', workdir=str(workdir),
+                               steps=1))
+  assert sweep_cli._data_line(runs) == [
+      'Data: python_stdlib: Python 3.11.7 stdlib, sha256 abababababababab, 3 '
+      'files, 2.5M train + 0.5M validation byte tokens  ']
+  assert seen == [(str(tmp_path), 129)]
+  assert sweep_cli._data_line(runs[2:]) == []

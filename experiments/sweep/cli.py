@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -17,10 +16,12 @@ import ml_collections
 
 from experiments import cli
 from experiments import config_lib
+from experiments import provenance
 from experiments import train
 from experiments.sweep import points as points_lib
 from experiments.sweep import runner as runner_lib
 from experiments.sweep.points import Run
+from moejax import data as data_lib
 from moejax.analysis import report
 from moejax.analysis import results as results_lib
 from moejax.analysis import stats
@@ -30,16 +31,31 @@ from moejax.train.checkpoint import Checkpointer
 
 
 def _machine(runs: Sequence[Run]) -> str:
-  """Platform, cores, versions and the runs' JAX device."""
+  """CPU, cores, versions and the runs' JAX device."""
   devices = set()
   for run in runs:
     analysis = results_lib.read_json(
         os.path.join(run.workdir, results_lib.ANALYSIS_FILE)) or {}
     if 'device' in analysis:
       devices.add(analysis['device'])
-  return (f'{platform.system()} {platform.machine()}, {os.cpu_count()} CPU '
-          f'cores, Python {platform.python_version()}, jax {jax.__version__},'
-          f' device {", ".join(sorted(devices)) or "unknown"}')
+  return provenance.machine(', '.join(sorted(devices)) or 'unknown')
+
+
+def _data_line(runs: Sequence[Run]) -> list[str]:
+  """'Data: ...' with the corpus's provenance (python_stdlib: version,
+  content hash, size) when the runs train on it; [] otherwise."""
+  corpora = set()
+  for run in runs:
+    config = results_lib.read_json(os.path.join(run.workdir,
+                                                'config.json')) or {}
+    data = config.get('data', {})
+    if data.get('name') == 'python_stdlib':
+      corpora.add((data.get('data_dir') or '~/tensorflow_datasets',
+                   data.get('example_len', 129)))
+  return [f'Data: {data_lib.describe_corpus(info)}  ' for info in (
+      data_lib.stdlib_corpus_info(os.path.expanduser(data_dir),
+                                  example_len=example_len)
+      for data_dir, example_len in sorted(corpora))]
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -61,6 +77,10 @@ def write_outputs(args, argv: Sequence[str], runs: Sequence[Run],
   header = [
       f'Command: `python -m experiments.sweep {shlex.join(argv)}`  ',
       f'Machine: {_machine(runs)}  ',
+      f'Commit: {provenance.commit()} (exact losses depend on the '
+      "machine's float order: a re-run elsewhere may differ in the last "
+      'digits)  ',
+      *_data_line(runs),
       f'Wall time: {_fmt_seconds(walls)} for the {len(records)} runs one '
       f'after another (sum of their training + analysis times)' +
       (f'; this invocation ran {ran} of them in {_fmt_seconds(elapsed)} '
