@@ -206,47 +206,13 @@ def test_ragged_dispatcher_on_a_mesh_matches_one_device():
                                err_msg=f'gather {path}')
 
 
-def test_batch_scope_balance_loss_on_meshes_matches_one_device():
-  # Global-batch balancing (aux_loss_scope='batch'): f and P are sums over
-  # all 8 groups, which the meshes split over their data-parallel devices;
-  # the loss and its gradients must be those of one device (and differ
-  # from the per-group loss here, so the scope is really applied).
+def _check_value_and_grads_on_meshes(value_fn, shapes, atol):
+  """value_fn(params, x) -> scalar, for the gather layer's params: its value
+  and gradients on each mesh equal one device's; returns that value."""
   x, _, params = _inputs()
-  layer = _layer('gather').clone(aux_loss_scope='batch')
-  grad = jax.jit(jax.value_and_grad(
-      lambda p, x: layer.apply({'params': p}, x)[1]['aux_loss']))
+  grad = jax.jit(jax.value_and_grad(value_fn))
   want, g_want = grad(params['gather'], x)
-  per_group = _layer('gather').apply({'params': params['gather']}, x)[1]
-  assert abs(float(want) - float(per_group['aux_loss'])) > 1e-3
-  for shape in ((8, 1, 1), (2, 4, 1)):
-    mesh = sharding.make_mesh(*shape)
-    with jax.set_mesh(mesh):
-      got, g_got = jax.block_until_ready(grad(
-          jax.device_put(params['gather'],
-                         sharding.tree_shardings(params['gather'], mesh)),
-          jax.device_put(x, sharding.batch_sharding(mesh))))
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-6,
-                               err_msg=str(shape))
-    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
-                                 err_msg=str(shape))
-
-
-def test_position_groups_on_meshes_match_one_device():
-  # Groups of 2 whole sequences, position-major (group_size=16,
-  # group_order='position'): G = 8 * 8 / 16 = 4, one per batch shard of the
-  # (4, 1, 1) and (2, 2, 2) meshes (the mesh check wants G divisible by
-  # them); on (2, 2, 2) the experts run expert-parallel. Outputs and gradients must be
-  # one device's, and differ from per-sequence groups (the order is used).
-  x, r, params = _inputs()
-  layer = _layer('gather').clone(group_size=2 * L, group_order='position')
-  grad = jax.jit(jax.value_and_grad(
-      lambda p, x: jnp.sum(layer.apply({'params': p}, x)[0] * r)))
-  want, g_want = grad(params['gather'], x)
-  per_seq = jnp.sum(_layer('gather').apply({'params': params['gather']},
-                                           x)[0] * r)
-  assert abs(float(want) - float(per_seq)) > 1e-3
-  for shape in ((4, 1, 1), (2, 2, 2)):
+  for shape in shapes:
     mesh = sharding.make_mesh(*shape)
     with jax.set_mesh(mesh):
       got, g_got = jax.block_until_ready(grad(
@@ -256,8 +222,40 @@ def test_position_groups_on_meshes_match_one_device():
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5,
                                err_msg=str(shape))
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5,
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol,
                                  err_msg=str(shape))
+  return float(want)
+
+
+def test_batch_scope_balance_loss_on_meshes_matches_one_device():
+  # Global-batch balancing (aux_loss_scope='batch'): f and P are sums over
+  # all 8 groups, which the meshes split over their data-parallel devices;
+  # the loss and its gradients must be those of one device (and differ
+  # from the per-group loss here, so the scope is really applied).
+  x, _, params = _inputs()
+  layer = _layer('gather').clone(aux_loss_scope='batch')
+  want = _check_value_and_grads_on_meshes(
+      lambda p, x: layer.apply({'params': p}, x)[1]['aux_loss'],
+      ((8, 1, 1), (2, 4, 1)), atol=1e-6)
+  per_group = _layer('gather').apply({'params': params['gather']}, x)[1]
+  assert abs(want - float(per_group['aux_loss'])) > 1e-3
+
+
+def test_position_groups_on_meshes_match_one_device():
+  # Groups of 2 whole sequences, position-major (group_size=16,
+  # group_order='position'): G = 8 * 8 / 16 = 4, one per batch shard of the
+  # (4, 1, 1) and (2, 2, 2) meshes (the mesh check wants G divisible by
+  # them); on (2, 2, 2) the experts run expert-parallel. Outputs and
+  # gradients must be one device's, and differ from per-sequence groups
+  # (the order is used).
+  x, r, params = _inputs()
+  layer = _layer('gather').clone(group_size=2 * L, group_order='position')
+  want = _check_value_and_grads_on_meshes(
+      lambda p, x: jnp.sum(layer.apply({'params': p}, x)[0] * r),
+      ((4, 1, 1), (2, 2, 2)), atol=1e-5)
+  per_seq = jnp.sum(_layer('gather').apply({'params': params['gather']},
+                                           x)[0] * r)
+  assert abs(want - float(per_seq)) > 1e-3
 
 
 def _dummy_decision(g, s, k, e, c):
