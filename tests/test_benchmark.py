@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+from tests.cli_helpers import assert_bad_flag
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISPATCHERS = ('einsum', 'gather', 'ragged')
 NUM_EXPERTS = (4,)
@@ -217,15 +219,7 @@ def test_quick_sets_only_the_flags_not_given(tmp_path):
 ])
 def test_bad_flag_is_one_line_and_exit_2(capsys, argv, flag, allowed):
   from experiments import benchmark  # pylint: disable=g-import-not-at-top
-  with pytest.raises(SystemExit) as exit_info:
-    benchmark.main(argv)
-  assert exit_info.value.code == 2
-  captured = capsys.readouterr()
-  assert captured.out == ''
-  lines = captured.err.splitlines()
-  assert len(lines) == 1, captured.err
-  assert lines[0].startswith('error: ') and lines[0].endswith('(see --help)')
-  assert flag in lines[0] and allowed in lines[0], lines[0]
+  assert_bad_flag(capsys, benchmark.main, argv, flag, allowed)
 
 
 def test_help_says_what_and_exit_codes(capsys):

@@ -17,6 +17,7 @@ from experiments import benchmark_decode
 from experiments import finetune_baselines
 from experiments import hf_import_memory
 from experiments import hf_parity
+from tests.cli_helpers import assert_bad_flag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # python -m experiments.X -> the module that parses its flags.
@@ -88,18 +89,6 @@ def test_help_says_what_and_exit_codes(program, capsys):
   assert 'error: ' in out  # how a user error looks
 
 
-def _bad_flag(capsys, main, argv, flag, allowed):
-  with pytest.raises(SystemExit) as exit_info:
-    main(argv)
-  assert exit_info.value.code == 2
-  captured = capsys.readouterr()
-  assert captured.out == ''
-  lines = captured.err.splitlines()
-  assert len(lines) == 1, captured.err
-  assert lines[0].startswith('error: ') and lines[0].endswith('(see --help)')
-  assert flag in lines[0] and allowed in lines[0], lines[0]
-
-
 # ---------------------------------------------------------- benchmark_decode
 TINY = ['--d_model', '16', '--num_heads', '2', '--num_layers', '1',
         '--d_ff', '8', '--vocab_size', '32']
@@ -143,7 +132,7 @@ def test_benchmark_decode_flags_reach_the_models():
     (['64'], '64', 'unrecognized arguments'),
 ])
 def test_benchmark_decode_bad_flag(capsys, argv, flag, allowed):
-  _bad_flag(capsys, benchmark_decode.main, argv, flag, allowed)
+  assert_bad_flag(capsys, benchmark_decode.main, argv, flag, allowed)
 
 
 # ----------------------------------------------------------------- hf_parity
@@ -165,7 +154,7 @@ def test_hf_parity_defaults_find_the_fixtures():
     (['--output', 'x.md'], '--output', 'unrecognized arguments'),
 ])
 def test_hf_parity_bad_flag(capsys, argv, flag, allowed):
-  _bad_flag(capsys, hf_parity.main, argv, flag, allowed)
+  assert_bad_flag(capsys, hf_parity.main, argv, flag, allowed)
 
 
 # ---------------------------------------------------------- hf_import_memory
@@ -184,7 +173,7 @@ def test_hf_import_memory_defaults_are_the_absl_ones():
     (['--keep=yes'], '--keep', 'ignored explicit argument'),
 ])
 def test_hf_import_memory_bad_flag(capsys, argv, flag, allowed):
-  _bad_flag(capsys, hf_import_memory.main, argv, flag, allowed)
+  assert_bad_flag(capsys, hf_import_memory.main, argv, flag, allowed)
 
 
 # -------------------------------------------------------- finetune_baselines
@@ -195,5 +184,5 @@ def test_hf_import_memory_bad_flag(capsys, argv, flag, allowed):
     (['--evaluate', 'w', '--domains', '6,x'], '--domains', 'ints >= 0'),
 ])
 def test_finetune_baselines_bad_flag(capsys, argv, flag, allowed):
-  _bad_flag(capsys, finetune_baselines.main, argv, flag, allowed)
+  assert_bad_flag(capsys, finetune_baselines.main, argv, flag, allowed)
 

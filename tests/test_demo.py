@@ -7,6 +7,7 @@ S=64 tokens, so C = cf * S * K / E = 1.0 * 64 * 2 / 8 = 16 slots.
 import pytest
 
 from experiments import demo
+from tests.cli_helpers import assert_bad_flag
 
 
 def test_runs_with_defaults(capsys):
@@ -54,12 +55,4 @@ def test_help_says_what_and_exit_codes(capsys):
     (['--dispatcher', 'gather'], '--dispatcher', 'unrecognized arguments'),
 ])
 def test_bad_flag_is_one_line_and_exit_2(capsys, argv, flag, allowed):
-  with pytest.raises(SystemExit) as exit_info:
-    demo.main(argv)
-  assert exit_info.value.code == 2
-  captured = capsys.readouterr()
-  assert captured.out == ''
-  lines = captured.err.splitlines()
-  assert len(lines) == 1, captured.err
-  assert lines[0].startswith('error: ') and lines[0].endswith('(see --help)')
-  assert flag in lines[0] and allowed in lines[0], lines[0]
+  assert_bad_flag(capsys, demo.main, argv, flag, allowed)
