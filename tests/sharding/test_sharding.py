@@ -10,9 +10,6 @@ before it starts.
 # pylint: disable=protected-access
 
 import os
-import re
-import subprocess
-import sys
 import types
 
 import flax.linen as nn
@@ -25,9 +22,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import sharding
 from moejax.models.transformer import TransformerLM
+from tests.sharding import fake_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
 CHECKS = [os.path.join('tests', 'sharding', name)
           for name in ('multidevice_checks.py', 'trainer_checks.py')]
 # Tests in CHECKS, parametrized cases counted: 18 layer + 6 trainer.
@@ -35,25 +31,7 @@ NUM_CHECKS = 24
 
 
 def test_multidevice_checks():
-  flags = ('--xla_force_host_platform_device_count=8 '
-           '--xla_backend_optimization_level=0')  # half the compile time
-  # Drop pytest(-xdist) worker variables: the child is a pytest of its own.
-  env = {k: v for k, v in os.environ.items() if not k.startswith('PYTEST_')}
-  env.update(XLA_FLAGS=flags, PJRT_NPROC='16', JAX_PLATFORMS='cpu')
-  # timeout -s KILL: JAX traps SIGTERM; a hung collective must not hang CI.
-  cmd = ['timeout', '-s', 'KILL', '600', sys.executable, '-m', 'pytest',
-         '-q', '-p', 'no:cacheprovider', '-rs', *CHECKS]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
-                        text=True, check=False)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-6000:]
-  # The summary line ("N passed in ..."); plugins may print warnings after
-  # it, on stderr.
-  summary = [line for line in proc.stdout.splitlines()
-             if re.search(r'\d+ (passed|failed)', line)][-1:] or ['']
-  summary = summary[0]
-  assert re.search(rf'\b{NUM_CHECKS} passed\b', summary), out[-3000:]
-  assert 'skipped' not in summary and 'error' not in summary, out[-3000:]
+  fake_devices.run_checks(CHECKS, NUM_CHECKS)
 
 
 @pytest.mark.parametrize('shape,devices,expected', [
