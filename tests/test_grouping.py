@@ -200,3 +200,17 @@ def test_causal_lm_with_position_groups_sees_no_later_token():
   with pytest.raises(ValueError, match='causal model must not see'):
     model.clone(moe=dict(model.moe, group_order='sequence')).init(
         init_key(0), tokens)
+
+
+def test_param_shapes_fit_any_group_layout():
+  """flops.param_shapes builds a dummy batch that whole groups divide, so
+  counting params works for groups of whole sequences too."""
+  from moejax.models import flops  # pylint: disable=import-outside-toplevel
+  base = dict(num_layers=1, d_model=8, num_heads=2, d_ff=16, vocab_size=16)
+  plain = TransformerLM(**base, moe=dict(num_experts=2))
+  want = jax.tree.map(lambda a: a.shape, flops.param_shapes(plain, 8))
+  for layout in (dict(group_size=32, group_order='position'),  # B = 4
+                 dict(group_size=12, allow_noncausal_routing=True)):  # B = 3
+    model = TransformerLM(**base, moe=dict(num_experts=2, **layout))
+    got = jax.tree.map(lambda a: a.shape, flops.param_shapes(model, 8))
+    assert got == want

@@ -49,6 +49,7 @@ times per token (`summary` prints both for a classifier).
 from __future__ import annotations
 
 import math
+import math
 from typing import Optional, Union
 
 import flax.linen as nn
@@ -76,16 +77,18 @@ def param_shapes(model: Model, seq_len: Optional[int] = None):
 
   Args:
     model: a TransformerLM or EncoderClassifier.
-    seq_len: L of the dummy [1, L] input; default: the MoE group_size if
-      set (so groups divide the tokens), else 8. Param shapes do not depend
-      on it.
+    seq_len: L of the dummy [B, L] input; default: the MoE group_size if
+      set, else 8. B = S / gcd(S, L) sequences, so that routing groups of S
+      tokens divide the batch in either group order. Param shapes do not
+      depend on it.
 
   Returns:
     A nested dict of jax.ShapeDtypeStruct, like `model.init(...)['params']`.
   """
-  if seq_len is None:
-    seq_len = (model.moe or {}).get('group_size') or 8
-  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  group_size = (model.moe or {}).get('group_size')
+  seq_len = seq_len or group_size or 8
+  batch = group_size // math.gcd(group_size, seq_len) if group_size else 1
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
   return variables['params']
 
