@@ -49,7 +49,6 @@ times per token (`summary` prints both for a classifier).
 from __future__ import annotations
 
 import math
-import math
 from typing import Optional, Union
 
 import flax.linen as nn
