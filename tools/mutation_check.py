@@ -263,6 +263,19 @@ MUTATIONS = (
     M('task-classify-not-allowed', 'experiments/model_config.py',
       "TASKS = ('lm', 'classify')", "TASKS = ('lm',)",
       ('tests/train/test_bad_config.py',)),
+    # Routing groups across sequences (moejax/grouping.py).
+    M('position-groups-not-interleaved', 'moejax/grouping.py',
+      'x = x.reshape((-1, k, l) + rest).swapaxes(1, 2)  # [G, L, k, ...]',
+      'x = x.reshape((-1, k, l) + rest)  # [G, L, k, ...]',
+      ('tests/test_grouping.py',)),
+    M('cross-sequence-leak-allowed', 'moejax/grouping.py',
+      "if order == 'sequence' and seq_len % s:",
+      "if order == 'sequence' and seq_len % s and s < seq_len:",
+      ('tests/test_grouping.py',)),
+    M('capture-ignores-group-order', 'moejax/analysis/capture.py',
+      "moe.get('group_order', 'sequence'))", "'sequence')",
+      ('tests/analysis/test_capture.py',
+       'tests/analysis/test_routing_capture.py')),
 )
 
 
