@@ -25,7 +25,10 @@ LEGEND = (
     'steps); max-viol.: max_e load_e / mean load - 1 at eval, mean over MoE '
     'layers; spec.: NMI between top-1 expert and domain on the eval split, '
     'mean over MoE layers, with the shuffled-domain chance level in '
-    'parentheses; params: total / active per token; tok/s: median training '
+    'parentheses; token NMI: the same between top-1 expert and input token '
+    'id (final eval, mean over MoE layers), with its chance level (token '
+    'ids paired with another sequence\'s experts); params: total / active '
+    'per token; tok/s: median training '
     'throughput; wall: training + analysis seconds of one run. Values are '
     'mean ± sample std over seeds.')
 
@@ -68,25 +71,32 @@ def _seeds_cell(row: Mapping[str, Any]) -> str:
   return f'{row["seeds_ok"]}/{row["seeds"]} ok'
 
 
+def _with_chance(row: Mapping[str, Any], metric: str, chance: str) -> str:
+  """'mean ± std (chance)' of an NMI column; '—' if missing."""
+  text = cell(row, metric)
+  level = row.get(chance, float('nan'))
+  if text != '—' and math.isfinite(level):
+    text += f' ({level:.3f})'
+  return text
+
+
 def main_table(rows: Sequence[Mapping[str, Any]],
                keys: Sequence[str]) -> list[str]:
   """Markdown lines of the main table: one row per point (group)."""
   names = [results_lib.short_key(k, keys) for k in keys]
   head = names + ['eval loss', 'excess', 'Δ dense', 'drop eval',
                   'drop train', 'max-viol.', 'spec. NMI (chance)',
-                  'params total / active', 'tok/s', 'wall s', 'seeds']
+                  'token NMI (chance)', 'params total / active', 'tok/s', 'wall s', 'seeds']
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for r in rows:
-    spec = cell(r, 'spec_nmi')
-    chance = r.get('spec_chance', float('nan'))
-    if spec != '—' and math.isfinite(chance):
-      spec += f' ({chance:.3f})'
+    spec = _with_chance(r, 'spec_nmi', 'spec_chance')
+    token = _with_chance(r, 'token_nmi', 'token_chance')
     values = [point_label(r, k) for k in keys] or [r['group']]
     values += [cell(r, 'eval_loss'), cell(r, 'excess_loss'),
                cell(r, 'delta_dense'), cell(r, 'eval_drop_fraction'),
                cell(r, 'train_drop_fraction'), cell(r, 'eval_max_violation'),
-               spec, f'{_human(r["params_total"])} / '
+               spec, token, f'{_human(r["params_total"])} / '
                f'{_human(r["params_active"])}',
                cell(r, 'tokens_per_sec', 0), cell(r, 'wall_s', 0),
                _seeds_cell(r)]

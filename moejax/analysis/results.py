@@ -30,7 +30,7 @@ ANALYSIS_FILE = 'analysis.json'
 # Numeric metrics of a run, in table order (spec_<layer> columns follow).
 METRICS = ('eval_loss', 'excess_loss', 'delta_dense', 'eval_drop_fraction',
            'train_drop_fraction', 'eval_max_violation', 'spec_nmi',
-           'spec_chance', 'params_total', 'params_active', 'tokens_per_sec',
+           'spec_chance', 'token_nmi', 'token_chance', 'params_total', 'params_active', 'tokens_per_sec',
            'wall_s')
 # Fraction of the final steps whose train records give train_drop_fraction.
 TRAIN_TAIL = 0.25
@@ -102,6 +102,8 @@ def read_run(workdir: str, steps: int) -> dict[str, Any]:
     'eval_max_violation', 'train_drop_fraction', 'tokens_per_sec',
     'params_total', 'params_active', 'spec_nmi' (mean over MoE layers),
     'spec_chance' (mean shuffled-domain NMI), 'spec_layers' {layer: nmi},
+    'token_nmi' / 'token_chance' (the final eval's top-1 expert vs input
+    token id NMI and its chance level, eval/token_specialisation),
     'expert_load' {layer: [E]}}; missing values are NaN, and so are the
     routing metrics of a model without MoE layers (analysis.json
     'moe_layers' = 0).
@@ -113,7 +115,9 @@ def read_run(workdir: str, steps: int) -> dict[str, Any]:
          'eval_loss': final.get('eval/loss', nan),
          'excess_loss': final.get('eval/excess_loss', nan),
          'eval_drop_fraction': final.get('eval/drop_fraction', nan),
-         'eval_max_violation': final.get('eval/max_violation', nan)}
+         'eval_max_violation': final.get('eval/max_violation', nan),
+         'token_nmi': final.get('eval/token_specialisation', nan),
+         'token_chance': final.get('eval/token_specialisation_chance', nan)}
   out.update(_train_metrics(records, steps))
   analysis = read_json(os.path.join(workdir, ANALYSIS_FILE)) or {}
   layers = analysis.get('layers', {})

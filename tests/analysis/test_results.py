@@ -85,3 +85,21 @@ def test_csv_and_markdown(runs, tmp_path):
   assert '| 2 | 2.100 ± 0.141 |' in summary
   assert '| 4 | 1.900 |' in summary and '1/2 ok' in summary
   assert '## Failed runs' in text and 'boom' in text
+
+
+def test_run_record_reads_the_token_nmi_of_the_final_eval(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  evals = [{'step': 5, 'eval/loss': 3.0, 'eval/token_specialisation': 0.1,
+            'eval/token_specialisation_chance': 0.01},
+           {'step': 10, 'eval/loss': 2.0, 'eval/token_specialisation': 0.3,
+            'eval/token_specialisation_chance': 0.02}]
+  with open(tmp_path / results.METRICS_FILE, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in evals)
+  record = results.read_run(str(tmp_path), 10)
+  assert (record['token_nmi'], record['token_chance']) == (0.3, 0.02)
+  row = dict(_run('r', 'num_experts=2', 0, 2.0), token_nmi=0.3,
+             token_chance=0.02, params_total=1e6, params_active=5e5)
+  line = report.main_table([dict(row, seeds=1, seeds_ok=1, status='ok')],
+                           ['model.moe.num_experts'])
+  assert '| token NMI (chance) |' in line[0]
+  assert '| 0.300 (0.020) |' in line[2]
