@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -41,9 +40,9 @@ import numpy as np
 
 from configs import finetune as finetune_configs
 from experiments import cli
-from experiments import provenance
 from experiments import config_lib
 from experiments import finetune_setup
+from experiments import provenance
 from experiments import workdir_config
 from moejax.train import finetune
 from moejax.train import init_source
@@ -246,9 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              shlex.join(argv if argv is not None else sys.argv[1:]))
   text = '\n'.join([
       f'Command: `{command}`  ',
-      f'Machine: {platform.system()} {platform.machine()}, '
-      f'{os.cpu_count()} CPU cores, jax {jax.__version__}, commit '
-      f'{provenance.commit()}; {time.time() - start:.0f} s in all', '', *lines, ''])
+      f'Machine: {provenance.machine()}, commit {provenance.commit()}; '
+      f'{time.time() - start:.0f} s in all', '', *lines, ''])
   os.makedirs(args.results, exist_ok=True)
   name = os.path.join(args.results, f'{args.part}_{args.size}')
   with open(name + '.md', 'w', encoding='utf-8') as f:

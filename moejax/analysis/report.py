@@ -86,7 +86,8 @@ def main_table(rows: Sequence[Mapping[str, Any]],
   names = [results_lib.short_key(k, keys) for k in keys]
   head = names + ['eval loss', 'excess', 'Δ dense', 'drop eval',
                   'drop train', 'max-viol.', 'spec. NMI (chance)',
-                  'token NMI (chance)', 'params total / active', 'tok/s', 'wall s', 'seeds']
+                  'token NMI (chance)', 'params total / active', 'tok/s',
+                  'wall s', 'seeds']
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for r in rows:

@@ -30,8 +30,8 @@ ANALYSIS_FILE = 'analysis.json'
 # Numeric metrics of a run, in table order (spec_<layer> columns follow).
 METRICS = ('eval_loss', 'excess_loss', 'delta_dense', 'eval_drop_fraction',
            'train_drop_fraction', 'eval_max_violation', 'spec_nmi',
-           'spec_chance', 'token_nmi', 'token_chance', 'params_total', 'params_active', 'tokens_per_sec',
-           'wall_s')
+           'spec_chance', 'token_nmi', 'token_chance', 'params_total',
+           'params_active', 'tokens_per_sec', 'wall_s')
 # Fraction of the final steps whose train records give train_drop_fraction.
 TRAIN_TAIL = 0.25
 
