@@ -126,7 +126,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_experts=0,  # 0: dense
       top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0,
       min_capacity=4, capacity_multiple_of=1,
-      router='topk',  # | 'expert_choice' | 'soft_moe' (task='classify')
+      router='topk',  # | 'relu' | 'expert_choice' | 'soft_moe' (classify)
       score_fn='softmax',  # | 'sigmoid' (DeepSeek-V3)
       dispatcher='gather', priority='choice', renormalize=False,
       routed_scaling=1.0, second_expert_policy='all',
@@ -137,6 +137,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       granularity=1, num_shared_experts=0, shared_d_ff=None,
       shared_gate=False,
       slots_per_expert=1, soft_normalize=False,  # Soft MoE
+      # ReMoE (router='relu'; top_k = the target active experts): the L1
+      # controller's factor, initial coefficient, load-balancing L1 form.
+      relu_l1_alpha=1.2, relu_l1_init=1e-8, relu_l1_balance=False,
+      # Zero-compute null experts in the top-K choice (router='topk').
+      num_null_experts=0,
       # Routing groups: None = one per sequence; k * seq_len with
       # group_order='position' = Switch/GShard's groups of k documents,
       # position-major (causal-safe; moejax/grouping.py).
@@ -153,6 +158,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       # The load-balance loss per routing group ('group': Switch) or over
       # the step's whole global batch ('batch': Qiu et al. 2025).
       aux_loss_scope='group'))
+  # Mixture-of-Depths (moejax.models.mod; task='lm' only): every = 0 off,
+  # k: blocks k-1, 2k-1, ... process the top `capacity` fraction of each
+  # sequence's tokens; the predictor ('mlp' | 'router') makes the causal
+  # decode-time choice, trained by BCE with weight aux_weight; decisions
+  # 'topk' (training) | 'predictor' (the forward pass decoding matches).
+  c.model.mod = ml_collections.ConfigDict(dict(
+      every=0, capacity=0.125, predictor='mlp', predictor_hidden=64,
+      aux_weight=0.01, decisions='topk'))
   # Where step 0's params come from: '' = a fresh init from `seed`; a
   # moejax work dir = its latest good checkpoint's params and model state
   # (not its optimizer state; the run starts at step 0). Only a run without

@@ -7,8 +7,10 @@ K experts per token, G groups, S tokens per group, C capacity.
   dense    jitted forward+backward of DenseFfn of width K*F on x [1, T, D]
            (value_and_grad of sum(y) w.r.t. the params and x).
   layer    the same for MoeLayer (sum(y) + aux_loss, deterministic=False)
-           for every dispatcher x E x K; 'ragged' runs dropless
-           (capacity_factor=None).
+           for every dispatcher x E x K; 'ragged' and 'blocked' run
+           dropless (capacity_factor=None), and so does a buffer
+           dispatcher named with DROPLESS_SUFFIX ('gather:dropless':
+           capacity C = S).
   profile  (--profile) the router, dispatch, experts and combine of a
            layer row, each forward+backward on its own.
 
@@ -40,6 +42,27 @@ import moejax
 from moejax import capacity as capacity_lib
 from moejax import routing
 from moejax.experts import ExpertBank
+
+
+# Rows that run dropless: these dispatchers always, a buffer dispatcher
+# (moejax.DISPATCHERS) when its name ends with DROPLESS_SUFFIX.
+DROPLESS = ('ragged', 'blocked')
+DROPLESS_SUFFIX = ':dropless'
+
+
+def row_dispatcher(name: str) -> tuple:
+  """A row's name -> (MoeLayer dispatcher, dropless?):
+  'gather:dropless' -> ('gather', True), 'ragged' -> ('ragged', True)."""
+  if name.endswith(DROPLESS_SUFFIX):
+    return name[:-len(DROPLESS_SUFFIX)], True
+  return name, name in DROPLESS
+
+
+def row_names() -> tuple:
+  """Every allowed --dispatchers value: moejax.DISPATCHER_NAMES and the
+  dropless buffer dispatchers ('einsum:dropless', 'gather:dropless')."""
+  return moejax.DISPATCHER_NAMES + tuple(
+      name + DROPLESS_SUFFIX for name in moejax.DISPATCHERS)
 
 
 def _layer_grad(module) -> Callable:
@@ -122,11 +145,15 @@ def _layer_row(s: Settings, dispatcher: str, e: int, k: int,
   """A layer row with its static fields and memory estimate; skipped when
   over budget or not a known dispatcher.
 
-  'ragged' runs dropless (capacity_factor=None): no capacity padding, so
-  its expert FLOPs are exactly the routed tokens'.
+  A dropless row (row_dispatcher) has capacity_factor None: 'ragged' and
+  'blocked' then have no capacity padding (their expert FLOPs are the
+  routed tokens', plus 'blocked''s block padding); a buffer dispatcher
+  gets C = S slots per expert.
   """
   group = group_size(s)
-  capacity = capacity_lib.compute_capacity(group, e, k, s.capacity_factor)
+  base, dropless = row_dispatcher(dispatcher)
+  cf = None if dropless else s.capacity_factor
+  capacity = capacity_lib.compute_capacity(group, e, k, cf)
   row = {'kind': 'layer', 'dispatcher': dispatcher, 'num_experts': e,
          'top_k': k, 'tokens': s.tokens, 'group_size': group,
          'capacity_factor': s.capacity_factor, 'capacity': capacity,
@@ -136,23 +163,26 @@ def _layer_row(s: Settings, dispatcher: str, e: int, k: int,
          'speedup_vs_einsum': None, 'pct_of_matmul_peak': None,
          'temp_mib': None, 'compiled_mib': None, 'device_peak_mib': None,
          'status': 'ok'}
-  if dispatcher == 'ragged':
-    row.update(capacity_factor=None, capacity=None)
-  if dispatcher not in moejax.DISPATCHER_NAMES:
+  if dropless:
+    row.update(capacity_factor=None,
+               capacity=capacity if base in moejax.DISPATCHERS else None)
+  if dispatcher not in row_names():
     row['status'] = ('skipped: not in moejax.DISPATCHER_NAMES (has '
-                     f'{", ".join(moejax.DISPATCHER_NAMES)})')
+                     f'{", ".join(row_names())})')
   shape = bench_memory.LayerShape(s.tokens, group, e, k, capacity,
                                   s.d_model, s.d_ff)
-  estimate = bench_memory.layer_bytes(dispatcher, shape, _itemsize(s),
+  estimate = bench_memory.layer_bytes(base, shape, _itemsize(s),
                                       jax.default_backend())
   return _with_estimate(row, estimate, s, budget)
 
 
 def _moe(s: Settings, dispatcher: str, e: int, k: int) -> moejax.MoeLayer:
-  cf = None if dispatcher == 'ragged' else s.capacity_factor
+  """The MoeLayer of a row (`dispatcher`: a row name, row_dispatcher)."""
+  base, dropless = row_dispatcher(dispatcher)
+  cf = None if dropless else s.capacity_factor
   return moejax.MoeLayer(num_experts=e, d_ff=s.d_ff, top_k=k,
                          capacity_factor=cf,
-                         dispatcher=dispatcher, group_size=group_size(s),
+                         dispatcher=base, group_size=group_size(s),
                          activation='relu', dtype=DTYPES[s.dtype])
 
 

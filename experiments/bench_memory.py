@@ -32,6 +32,11 @@ for both):
                                    and what the backward keeps of them
                 BUFFERS * N*(D + F)*a          ragged, per_token: the
                                    sorted rows [N, D] and hidden [N, F]
+                BUFFERS * P*(D + F)*a          blocked: the block-padded
+                                   rows [P, D] and pre-activations [P, F],
+                                   P = b * Bk (moejax.blocked: b from
+                                   default_block_size(N, E), P <= N +
+                                   E*(b - 1))
                 BUFFERS * T*K*F*a              dense FFN of width K*F
     one_hot     ONE_HOT * G*S*E*C*a            einsum: the one-hot
                                    dispatch / combine tensors [G, S, E, C]
@@ -73,6 +78,7 @@ import jax
 import ml_collections
 
 from experiments import memory_check
+from moejax import blocked
 
 GIB, MIB = 2**30, 2**20
 # Saved copies per tensor kind (module docstring), fitted on CPU.
@@ -105,7 +111,7 @@ class LayerShape:
   group_size: int  # S
   num_experts: int  # E
   top_k: int  # K
-  capacity: int  # C (unused by 'ragged' and 'per_token')
+  capacity: int  # C (unused by 'ragged', 'per_token' and 'blocked')
   d_model: int  # D
   d_ff: int  # F
 
@@ -125,7 +131,8 @@ def layer_bytes(dispatcher: str, shape: LayerShape, itemsize: int,
   """Estimated bytes of one MoeLayer fwd+bwd row, by part (+ 'total').
 
   Args:
-    dispatcher: 'einsum' | 'gather' | 'ragged' | 'per_token'.
+    dispatcher: 'einsum' | 'gather' | 'ragged' | 'per_token' | 'blocked'
+      (a dropless gather or einsum row: capacity C = S).
     shape: the row's T, S, E, K, C, D, F.
     itemsize: bytes of the compute dtype (params are float32).
     platform: jax.default_backend() ('cpu', 'gpu', 'tpu').
@@ -141,6 +148,10 @@ def layer_bytes(dispatcher: str, shape: LayerShape, itemsize: int,
            'tokens': TOKENS * t * d * a, 'router': ROUTER * t * e * 4}
   if dispatcher in ('ragged', 'per_token'):
     parts['buffers'] = BUFFERS * n * (d + f) * a
+  elif dispatcher == 'blocked':
+    b = blocked.default_block_size(n, e)
+    parts['buffers'] = BUFFERS * b * blocked.num_blocks(n, e, b) * (
+        d + f) * a
   else:
     parts['buffers'] = BUFFERS * groups * e * shape.capacity * (d + f) * a
   if dispatcher == 'einsum':

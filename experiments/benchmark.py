@@ -45,9 +45,9 @@ from experiments.bench_common import (DTYPES, MODEL_KINDS, QUICK, Settings,
                                       clear_compiled, machine_info,
                                       matmul_row)
 from experiments.bench_layer import (component_fns, dense_entry, group_size,
-                                     init_params, layer_group, layer_rows)
+                                     init_params, layer_group, layer_rows,
+                                     row_names)
 from experiments.bench_model import model_rows, model_sizes
-import moejax
 
 __all__ = ('Settings', 'QUICK', 'run', 'markdown', 'parse_args', 'main',
            'component_fns', 'dense_entry', 'init_params', 'layer_group')
@@ -229,9 +229,10 @@ def _settings_flags() -> tuple:
   ints = cli.comma_list(positive, 'ints >= 1')
   sizes, kinds = tuple(model_sizes()), MODEL_KINDS
   return (
-      ('dispatchers', cli.comma_list(cli.choice(moejax.DISPATCHER_NAMES),
-                                     ', '.join(moejax.DISPATCHER_NAMES)),
-       'NAME[,NAME...]', 'dispatchers to time'),
+      ('dispatchers', cli.comma_list(cli.choice(row_names()),
+                                     ', '.join(row_names())),
+       'NAME[,NAME...]', "dispatchers to time ('ragged' and 'blocked' run "
+       "dropless; 'gather:dropless' is gather with C = S)"),
       ('num_experts', ints, 'E[,E...]', 'E values'),
       ('top_k', ints, 'K[,K...]', 'K values, each <= every E'),
       ('tokens', positive, 'T', 'T, tokens per layer call'),
@@ -240,7 +241,8 @@ def _settings_flags() -> tuple:
       ('group_size', positive, 'S', 'S, tokens per routing group, capped '
        'at --tokens, which it must divide'),
       ('capacity_factor', cli.number(float, 'a number > 0', lambda v: v > 0),
-       'CF', "training capacity factor ('ragged' rows are dropless)"),
+       'CF', "training capacity factor ('ragged', 'blocked' and "
+       "'...:dropless' rows are dropless)"),
       ('repeats', positive, 'N', 'timed calls per row'),
       ('dtype', cli.choice(tuple(DTYPES)), '{' + ','.join(DTYPES) + '}',
        'compute dtype (params stay float32)'),

@@ -31,7 +31,8 @@ The estimate (bytes; `a` = bytes of model.dtype, P = param bytes):
                    4 * T * n F_s * a             n shared experts
                  (E * C slots per group: C from `compute_capacity`, with
                  K = 1 for expert choice; Soft MoE: E * slots_per_expert;
-                 ragged / per_token: the S * K (token, choice) rows. E, K,
+                 ragged / per_token: the S * K (token, choice) rows;
+                 blocked: those padded to blocks, moejax.blocked. E, K,
                  F are the fine-grained m E, m K, F / m.)
     logits       5 * B * L * V * 4 logits, softmax, its gradient and the
                                    head's transposed copies (float32;
@@ -68,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moejax import blocked
 from moejax import capacity as capacity_lib
 from moejax.models import flops
 
@@ -102,7 +104,14 @@ def _moe_block_bytes(moe: dict, batch: int, seq_len: int, d_model: int,
   if router == 'soft_moe':
     slots = experts * moe.get('slots_per_expert', 1)
   elif moe.get('dispatcher', 'gather') in ('ragged', 'per_token'):
-    slots = s * top_k  # the sorted (token, choice) rows, no padding
+    # the sorted (token, choice) rows, no padding ('relu': K = E choices)
+    slots = s * (experts if router == 'relu' else top_k)
+  elif moe.get('dispatcher') == 'blocked':
+    # the sorted rows padded to blocks of b (moejax.blocked), per group
+    rows = groups * s * (experts if router in ('relu', 'expert_choice')
+                         else top_k)
+    b = blocked.default_block_size(rows, experts)
+    slots = -(-b * blocked.num_blocks(rows, experts, b) // groups)
   else:
     c = capacity_lib.compute_capacity(
         s, experts, 1 if router == 'expert_choice' else top_k,
@@ -110,7 +119,9 @@ def _moe_block_bytes(moe: dict, batch: int, seq_len: int, d_model: int,
         moe.get('capacity_multiple_of', 1))
     slots = experts * c
   total = groups * slots * BUFFERS * (d_model + width) * itemsize
-  total += ROUTER * groups * s * experts * 4
+  total += ROUTER * groups * s * (experts + moe.get('num_null_experts', 0)) * 4
+  if router == 'relu':  # K = E choices: assign_slots' [G, S, E, E] one-hot
+    total += groups * s * experts * experts * 4
   if moe.get('dispatcher') == 'einsum':
     total += ONE_HOT * groups * s * slots * 4
   shared = moe.get('num_shared_experts', 0) * (moe.get('shared_d_ff') or

@@ -35,12 +35,16 @@ MOE_LAYER_KEYS = ('num_experts', 'top_k', 'capacity_factor',
                   'bias_update_rate', 'selection_bias', 'aux_loss_scope',
                   'granularity',
                   'num_shared_experts', 'shared_d_ff', 'shared_gate',
-                  'slots_per_expert', 'soft_normalize', 'group_size',
-                  'group_order',
+                  'slots_per_expert', 'soft_normalize', 'relu_l1_alpha',
+                  'relu_l1_init', 'relu_l1_balance', 'num_null_experts',
+                  'group_size', 'group_order',
                   'allow_noncausal_routing')
 TASKS = ('lm', 'classify')  # model.task: TransformerLM | EncoderClassifier
 MLA_KEYS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
             'qk_rope_head_dim', 'v_head_dim')  # model.mla.<key>
+# model.mod.<key>: Mixture-of-Depths (moejax.models.mod.ModOptions fields).
+MOD_KEYS = ('every', 'capacity', 'predictor', 'predictor_hidden',
+            'aux_weight', 'decisions')
 # TransformerLM argument -> config key (the model a config describes;
 # `vocab_size` is model.vocab_size there, see `model_overrides`).
 MODEL_CONFIG_KEYS = {
@@ -63,7 +67,8 @@ DECODER_KEYS = ('model.num_kv_heads', 'model.head_dim', 'model.qk_norm',
                 'model.attn_bias', 'model.norm_eps', 'model.rope_interleave',
                 'model.attention', 'model.dense_d_ff', 'model.sliding_window',
                 'model.moe.dense_layers') + tuple(
-                    f'model.mla.{k}' for k in MLA_KEYS)
+                    f'model.mla.{k}' for k in MLA_KEYS) + tuple(
+                        f'model.mod.{k}' for k in MOD_KEYS)
 # The argument a model error names -> config key (MoeLayer arguments:
 # model.moe.<arg>; 'bias' is AttentionOptions' name for attn_bias).
 MODEL_ARG_KEYS = {
@@ -86,11 +91,11 @@ def _prefixed(error: ValueError) -> ValueError:
   'top_k=5 must be <= num_experts=4' -> 'model.moe.top_k=5 must be <=
   model.moe.num_experts=4'; errors not about an argument get 'model: '."""
   message = str(error)
-  match = re.match(r'[A-Za-z_]+', message)
+  match = re.match(r'[A-Za-z_][A-Za-z0-9_]*', message)  # e.g. relu_l1_alpha
   name = match.group(0) if match else ''
   if _config_key(name) is None:
     return ValueError(f'model: {message}')
-  rest = re.sub(r"(?<![\w.'])([A-Za-z_]+)(?==)",
+  rest = re.sub(r"(?<![\w.'])([A-Za-z_][A-Za-z0-9_]*)(?==)",
                 lambda m: _config_key(m.group(1)) or m.group(1),
                 message[len(name):])
   return ValueError(_config_key(name) + rest)
@@ -115,6 +120,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   _require('model.moe.num_experts', moe.num_experts, moe.num_experts >= 0,
            '0 (dense) or an int >= 1')
   _check_decoder(config)
+  _check_mod(config)
   _check_dense_moe_keys(config)
   try:
     model = build_model(config)
@@ -207,6 +213,45 @@ def _check_decoder(config: ml_collections.ConfigDict) -> None:
         f'sequence; allowed values: None or an int >= {d.seq_len}.')
 
 
+def _check_mod(config: ml_collections.ConfigDict) -> None:
+  """model.mod.*: the Mixture-of-Depths options (when every >= 1)."""
+  get = lambda k: config_value(config, f'model.mod.{k}')
+  every = get('every')
+  _require('model.mod.every', every, _is_int(every) and every >= 0,
+           '0 (off) or an int >= 1 (block i is MoD iff (i + 1) % every == 0)')
+  if every == 0:
+    return
+  capacity = get('capacity')
+  _require('model.mod.capacity', capacity,
+           isinstance(capacity, (int, float)) and
+           not isinstance(capacity, bool) and 0 < capacity <= 1,
+           'a number in (0, 1] (the fraction of a sequence each MoD block '
+           'processes)')
+  hidden = get('predictor_hidden')
+  _require('model.mod.predictor_hidden', hidden,
+           _is_int(hidden) and hidden >= 1, 'an int >= 1')
+  for key, allowed in (('predictor', ('mlp', 'router')),
+                       ('decisions', ('topk', 'predictor'))):
+    _require(f'model.mod.{key}', get(key), get(key) in allowed,
+             ', '.join(map(repr, allowed)))
+  weight = get('aux_weight')
+  _require('model.mod.aux_weight', weight,
+           isinstance(weight, (int, float)) and
+           not isinstance(weight, bool) and weight >= 0, 'a number >= 0')
+  if every > config.model.num_layers:
+    raise ValueError(
+        f'model.mod.every={every} makes no block an MoD block among '
+        f'model.num_layers={config.model.num_layers}; allowed values: 0 '
+        f'(off) or an int in [1, {config.model.num_layers}].')
+
+
+def mod_kwargs(config: ml_collections.ConfigDict) -> Optional[dict]:
+  """TransformerLM's `mod` mapping from model.mod.*, None when off."""
+  if not config_value(config, 'model.mod.every'):
+    return None
+  return {k: config_value(config, f'model.mod.{k}') for k in MOD_KEYS}
+
+
 def _require_defaults(config: ml_collections.ConfigDict, keys, why: str,
                       alternative: str) -> None:
   """Raises for the first of `keys` not at its base default."""
@@ -293,6 +338,7 @@ def _decoder_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   kwargs['mla'] = ({k: config_value(config, f'model.mla.{k}')
                     for k in MLA_KEYS}
                    if kwargs['attention'] == 'mla' else None)
+  kwargs['mod'] = mod_kwargs(config)
   return kwargs
 
 

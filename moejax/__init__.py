@@ -7,6 +7,7 @@ Public surface (see each object's docstring for shapes):
   group_limited_mask, loss_free_bias_update     token choice (moejax.routing)
   ExpertChoiceRouter, route_expert_choice       (moejax.expert_choice)
   SoftRouter                                    (moejax.soft_moe)
+  ReluRouter, route_relu   ReMoE, router='relu' (moejax.relu_router)
   routers, RouterSpec  the router registry: register(RouterSpec(...)),
                        get(name), names(); ROUTERS = the built-in names
   compute_capacity     the capacity formula
@@ -31,6 +32,7 @@ from moejax.routing import (PRIORITIES, SCORE_FNS, Router, RoutingDecision,
                             loss_free_bias_update, route_top_k, select_top_k)
 from moejax import routers
 from moejax.routers import RouterSpec
+from moejax.relu_router import ReluRouter, route_relu
 from moejax.soft_moe import SoftRouter
 
 __version__ = '0.1.0'

@@ -23,6 +23,9 @@ Empty slots hold zeros; a dropped assignment contributes exactly 0.
     (dropless); with a capacity it honours the same drops as the others.
     Fast only where the backend has a grouped-matmul kernel (GPU/TPU); on
     CPU ragged_dot lowers to a masked dense op (~E x the FLOPs).
+  blocked: sorted rows as 'ragged', each expert's run padded to blocks of
+    b rows, each block's FFN run with its expert's weights in a loop
+    (moejax.blocked; custom VJP). The dropless path for CPU.
 """
 
 from __future__ import annotations
@@ -161,8 +164,9 @@ def per_token_combine(y: jax.Array, decision: RoutingDecision) -> jax.Array:
   return jnp.einsum('GSKD,GSK->GSD', y, weights)
 
 
-# 'ragged' and 'per_token' have no [G, E, C, D] buffers, so they are not
-# `Dispatcher`s; the layer runs 'ragged' through `ragged_plan` /
-# `ragged_dispatch` / `ragged_combine`, and 'per_token' through
-# `experts.TokenExpertBank` and `per_token_combine`.
-DISPATCHER_NAMES = tuple(DISPATCHERS) + ('ragged', 'per_token')
+# 'ragged', 'per_token' and 'blocked' have no [G, E, C, D] buffers, so they
+# are not `Dispatcher`s; the layer runs 'ragged' through `ragged_plan` /
+# `ragged_dispatch` / `ragged_combine`, 'per_token' through
+# `experts.TokenExpertBank` and `per_token_combine`, and 'blocked' through
+# `moejax.blocked` and `experts.BlockedExpertBank`.
+DISPATCHER_NAMES = tuple(DISPATCHERS) + ('ragged', 'per_token', 'blocked')

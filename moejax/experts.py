@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import blocked
 from moejax import ffn_math
 from moejax import lora as lora_lib
 from moejax import sharding
@@ -204,6 +205,34 @@ class RaggedExpertBank(nn.Module):
     grouped = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)  # [N, .]
     return _ffn(self, x, (e, d, f), (e, f, d), expert_kernel_init(),
                 grouped, grouped)
+
+
+class BlockedExpertBank(nn.Module):
+  """The expert bank on block-padded expert-sorted rows (moejax.blocked).
+
+  Same params as `ExpertBank` (names, shapes, init). Every block of b rows
+  belongs to one expert and is multiplied by that expert's weights in a
+  loop over the used blocks (`blocked.block_matmul`, custom VJP): no
+  [G, E, C, D] buffers, no masked dense op; the dropless path on CPU.
+
+  __call__: rows [P, D] (P = b * Bk), plan -> [P, D]; padding rows and
+  blocks past plan.used_blocks come out zero.
+  """
+  num_experts: int
+  d_ff: int
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, plan: blocked.BlockPlan) -> jax.Array:
+    e, d, f = self.num_experts, x.shape[-1], self.d_ff
+    wis, wo = _kernels(self, (e, d, f), (e, f, d), expert_kernel_init())
+    cast = lambda w: jax.tree.map(lambda t: t.astype(self.dtype), w)
+    return blocked.blocked_ffn(x.astype(self.dtype), cast(wis), cast(wo),
+                               plan, _NONLINEARITY[self.activation])
 
 
 class TokenExpertBank(nn.Module):

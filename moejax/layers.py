@@ -18,14 +18,17 @@ plug-in protocol, RouterSpec, register); the built-in ones:
 Dispatchers ('dispatcher'): 'gather' (default), 'einsum' (one-hot
 reference), 'ragged' (sorted rows + grouped matmuls; dropless with
 capacity_factor=None), 'per_token' (each token's K experts' weights
-gathered: for decoding, where few tokens meet many experts). Fine-grained experts (`granularity` m) turn E experts
+gathered: for decoding, where few tokens meet many experts), 'blocked'
+(expert-sorted rows padded to blocks of one expert; the fast dropless path
+on CPU, moejax.blocked). Fine-grained experts (`granularity` m) turn E experts
 of width F, K chosen, into m*E experts of width F/m, m*K chosen; below, E,
 F and K are those effective values.
 
 Param tree of one MoeLayer (checkpoint converters rely on these names):
 
     router/kernel    [D, E]  float32 always ([D, E, C] for 'soft_moe', plus
-                     router/scale [] when soft_normalize)
+                     router/scale [] when soft_normalize; [D, E + N]
+                     with num_null_experts N)
     experts/wi       [E, D, F]  (activation 'relu' | 'gelu')
     experts/wi_0     [E, D, F]  (gated 'swiglu' | 'geglu': through the nonlinearity)
     experts/wi_1     [E, D, F]  (gated: the linear branch)
@@ -39,6 +42,8 @@ Param tree of one MoeLayer (checkpoint converters rely on these names):
 State (collection 'moe_state', when bias_update_rate > 0 or selection_bias):
     router/bias      [E] float32, the selection bias (loss-free balancing,
                      or fixed)
+    router/l1_coeff  [] float32, ReMoE's adaptive L1 coefficient
+                     (router='relu', always)
 
 RNG streams: 'router' (jitter and the 'random' second-expert policy), used
 only when `deterministic=False`.
@@ -52,6 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import blocked
 from moejax import capacity as capacity_lib
 from moejax import dispatch as dispatch_lib
 from moejax import grouping
@@ -61,7 +67,7 @@ from moejax import routers
 from moejax import routing
 from moejax import soft_moe
 from moejax.experts import ACTIVATIONS, DenseFfn, ExpertBank, RaggedExpertBank
-from moejax.experts import TokenExpertBank
+from moejax.experts import BlockedExpertBank, TokenExpertBank
 
 # The built-in routers (a snapshot at import; `routers.names()` is live and
 # holds any router registered later).
@@ -89,6 +95,8 @@ def _validate_router_options(layer: 'MoeLayer') -> None:
   spec = routers.get(layer.router)
   routers.check_options(layer, spec)
   routers.check_dispatcher(spec, layer.dispatcher)
+  if spec.validate is not None:
+    spec.validate(layer)
   leak = routers.causal_leak(layer, spec)
   if leak and layer.causal and not layer.allow_noncausal_routing:
     raise ValueError(
@@ -181,7 +189,7 @@ class MoeLayer(nn.Module):
     min_capacity: lower bound on C (4, as flaxformer).
     capacity_multiple_of: round C up to a multiple of this.
     router: a registered router name, `moejax.routers.names()`: 'topk' |
-      'expert_choice' | 'soft_moe' built in (module docstring). Its
+      'expert_choice' | 'soft_moe' | 'relu' built in (module docstring). Its
       RouterSpec says which dispatchers it supports, whether it is
       causal-safe, and which options it owns (the options another router
       owns must stay at their defaults).
@@ -204,6 +212,10 @@ class MoeLayer(nn.Module):
     aux_loss_scope: the load-balance loss per routing group ('group':
       Switch, GShard) or over the whole batch ('batch': global-batch
       balancing, Qiu et al. 2025; see losses.load_balance_loss).
+    num_null_experts: N zero-compute experts in the top-K choice ('topk';
+      AdaMoE): router/kernel [D, E + N]; a choice of a null expert takes no
+      slot and adds exactly 0, so a token gets 0..K real experts (0 = off,
+      params as without).
     granularity: m, fine-grained experts (m*E experts of width F/m, m*K
       chosen; DeepSeekMoE).
     num_shared_experts: dense FFNs applied to every token, added to the
@@ -212,9 +224,15 @@ class MoeLayer(nn.Module):
     shared_gate: multiply the shared output by sigmoid(x . w), w [D, 1].
     slots_per_expert: C of 'soft_moe'.
     soft_normalize: 'soft_moe' L2-normalises x and the slot params.
+    relu_l1_alpha: 'relu' (ReMoE): the L1 controller's factor alpha > 1
+      (top_k is the target number of active experts; moejax.relu_router).
+    relu_l1_init: 'relu': the initial L1 coefficient lambda_0 > 0.
+    relu_l1_balance: 'relu': the load-balancing L1 form (f_e-weighted).
     dispatcher: 'gather' (default, fast) | 'einsum' (one-hot reference) |
       'ragged' (grouped matmuls; dropless with capacity_factor=None) |
-      'per_token' (gathers each token's K experts' weights; decoding).
+      'per_token' (gathers each token's K experts' weights; decoding) |
+      'blocked' (block-padded sorted rows; dropless with
+      capacity_factor=None, the fast dropless path on CPU).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     group_size: S; None = one group per sequence (S = L).
     group_order: how groups are laid out (moejax.grouping): 'sequence'
@@ -239,7 +257,10 @@ class MoeLayer(nn.Module):
   aux: dict of float32 scalars `aux_loss`, `z_loss`, `max_violation`,
   `drop_fraction`, `fully_dropped_fraction`, `router_entropy`, `top1_prob`,
   `capacity`, and `expert_load` [E]; 'expert_choice' adds the
-  `expert_choice.coverage_metrics`.
+  `expert_choice.coverage_metrics`; 'relu' adds `reg_loss` (in the training
+  loss with weight 1), `l1_penalty`, `l1_coeff`, `active_experts`,
+  `kept_experts`; null experts add `active_experts`, `kept_experts`,
+  `null_fraction`.
   """
   num_experts: int
   d_ff: int
@@ -262,12 +283,16 @@ class MoeLayer(nn.Module):
   bias_update_rate: float = 0.0
   selection_bias: bool = False
   aux_loss_scope: str = 'group'
+  num_null_experts: int = 0
   granularity: int = 1
   num_shared_experts: int = 0
   shared_d_ff: Optional[int] = None
   shared_gate: bool = False
   slots_per_expert: int = 1
   soft_normalize: bool = False
+  relu_l1_alpha: float = 1.2
+  relu_l1_init: float = 1e-8
+  relu_l1_balance: bool = False
   dispatcher: str = 'gather'
   activation: str = 'relu'
   group_size: Optional[int] = None
@@ -368,10 +393,18 @@ class MoeLayer(nn.Module):
       rows = dispatch_lib.ragged_dispatch(xg, plan)  # [N, D]
       rows = self._experts(RaggedExpertBank)(rows, plan.group_sizes)
       return dispatch_lib.ragged_combine(rows, plan, decision), aux
+    if self.dispatcher == 'blocked':
+      plan = blocked.block_plan(decision)
+      rows = blocked.blocked_dispatch(xg, plan)  # [P, D]
+      rows = self._experts(BlockedExpertBank)(rows, plan)
+      return blocked.blocked_combine(rows, plan, decision), aux
     if self.dispatcher == 'per_token':
       g, s, d = xg.shape
+      # A null expert's index (>= E, never kept) reads expert E - 1; its
+      # output is masked to 0 by per_token_combine.
+      index = jnp.minimum(decision.expert_index, self.effective_experts - 1)
       y = self._experts(TokenExpertBank)(
-          xg.reshape(g * s, d), decision.expert_index.reshape(g * s, -1))
+          xg.reshape(g * s, d), index.reshape(g * s, -1))
       return dispatch_lib.per_token_combine(y.reshape(g, s, -1, d),
                                             decision), aux
     dispatcher = dispatch_lib.DISPATCHERS[self.dispatcher]

@@ -139,3 +139,44 @@ def routing_metrics(probs: jax.Array, decision: RoutingDecision,
       'top1_prob': jnp.sum(probs.max(-1) * valid_f) / num_valid,
       'capacity': jnp.asarray(decision.capacity, jnp.float32),
   }
+
+
+def active_expert_metrics(decision: RoutingDecision,
+                          valid: jax.Array) -> dict:
+  """Metrics of routers that give a token a varying number of experts.
+
+  For ReLU routing (`relu_router`) and null experts (`routing.Router` with
+  `num_null_experts`), whose choices need not all request a slot.
+
+  Args:
+    decision: the routing decision (its request and kept).
+    valid: [G, S] bool.
+
+  Returns:
+    dict of float32 scalars over the valid tokens:
+      active_experts: real experts requested per token, before capacity
+        (the realised active FLOPs in units of one expert FFN);
+      kept_experts: real experts per token after capacity;
+      fully_dropped_fraction: tokens that requested an expert and kept
+        none / valid (a token that requested none is not dropped).
+    Example: 2 valid tokens requesting (2, 0) experts, kept (1, 0):
+    active 1.0, kept 0.5, fully dropped 0.
+  """
+  valid_f = valid.astype(jnp.float32)
+  num_valid = jnp.maximum(valid_f.sum(), 1)
+  requested = decision.request.astype(jnp.float32).sum(-1) * valid_f
+  kept = decision.kept.astype(jnp.float32).sum(-1) * valid_f
+  starved = ((requested > 0) & (kept == 0)).astype(jnp.float32)
+  return {'active_experts': requested.sum() / num_valid,
+          'kept_experts': kept.sum() / num_valid,
+          'fully_dropped_fraction': starved.sum() / num_valid}
+
+
+def null_fraction(decision: RoutingDecision, valid: jax.Array) -> jax.Array:
+  """Share of the valid tokens' K choices that chose a null expert
+  (expert_index >= E); float32 scalar."""
+  k = decision.expert_index.shape[-1]
+  null = (decision.expert_index >= decision.num_experts).astype(jnp.float32)
+  valid_f = valid.astype(jnp.float32)
+  return jnp.sum(null * valid_f[..., None]) / jnp.maximum(
+      valid_f.sum() * k, 1)

@@ -38,6 +38,9 @@ Built-in routers (`names()` lists every registered one):
                    (`expert_choice.ExpertChoiceRouter`); not causal-safe
   'soft_moe'       dense slot mixtures (`soft_moe.SoftRouter`); its own dense
                    dispatch; not causal-safe
+  'relu'           ReMoE, ReLU gates with an adaptive L1 penalty
+                   (`relu_router.ReluRouter`; registered there, imported at
+                   the end of this module)
 
 Adding a router: write the module, `register(RouterSpec(...))` next to it,
 and test it through MoeLayer with every dispatcher it declares
@@ -103,6 +106,9 @@ class RouterSpec:
       [G, S, E, C] instead of a RoutingDecision; MoeLayer mixes the tokens
       into the expert slots with them (`soft_moe.soft_dispatch` /
       `soft_combine`). Nothing is dropped.
+    validate: optional layer -> None, run when a MoeLayer with this router
+      is built (before anything compiles): ValueError naming a bad value
+      of the router's own options.
   """
   name: str
   module: type
@@ -113,6 +119,7 @@ class RouterSpec:
   causal_options: tuple = ()
   capacity_k: Callable[[Any], Optional[int]] = _effective_top_k
   dense_dispatch: bool = False
+  validate: Optional[Callable[[Any], None]] = None
 
 
 _REGISTRY: dict[str, RouterSpec] = {}
@@ -157,9 +164,11 @@ def _check_spec(spec: RouterSpec) -> None:
                                                        nn.Module)):
     raise ValueError(f'RouterSpec module of router {spec.name!r} must be a '
                      f'flax.linen.Module class, got {spec.module!r}.')
-  if not callable(spec.kwargs) or not callable(spec.capacity_k):
-    raise ValueError(f'RouterSpec kwargs and capacity_k of router '
-                     f'{spec.name!r} must be callables of the MoeLayer.')
+  if not callable(spec.kwargs) or not callable(spec.capacity_k) or not (
+      spec.validate is None or callable(spec.validate)):
+    raise ValueError(f'RouterSpec kwargs, capacity_k and validate (or None) '
+                     f'of router {spec.name!r} must be callables of the '
+                     'MoeLayer.')
   if not isinstance(spec.dispatchers, tuple) or not spec.dispatchers:
     raise ValueError(f'RouterSpec dispatchers of router {spec.name!r} must '
                      'be a non-empty tuple, a subset of '
@@ -314,7 +323,8 @@ TOPK_OPTIONS = (('top_k', 1), ('priority', 'choice'),
                 ('routed_scaling', 1.0), ('jitter_eps', 0.0),
                 ('num_groups', 1), ('topk_groups', None),
                 ('group_score', 'top2_sum'), ('bias_update_rate', 0.0),
-                ('selection_bias', False), ('aux_loss_scope', 'group'))
+                ('selection_bias', False), ('aux_loss_scope', 'group'),
+                ('num_null_experts', 0))
 
 
 def _topk_kwargs(layer: Any) -> dict:
@@ -328,12 +338,31 @@ def _topk_kwargs(layer: Any) -> dict:
       topk_groups=layer.topk_groups, group_score=layer.group_score,
       bias_update_rate=layer.bias_update_rate,
       selection_bias=layer.selection_bias,
-      aux_loss_scope=layer.aux_loss_scope)
+      aux_loss_scope=layer.aux_loss_scope,
+      num_null_experts=layer.num_null_experts)
+
+
+def _check_null_experts(layer: Any) -> None:
+  """num_null_experts: an int >= 0, and with null experts none of the
+  options that assume every scored expert is a real one."""
+  n = layer.num_null_experts
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f'num_null_experts must be an int >= 0 (0 = no null '
+                     f'experts), got {n!r}.')
+  if not n:
+    return
+  for name, default in (('bias_update_rate', 0.0), ('selection_bias', False),
+                        ('num_groups', 1)):
+    if getattr(layer, name) != default:
+      raise ValueError(
+          f'num_null_experts={n} does not combine with {name}='
+          f'{getattr(layer, name)!r} (a bias or expert groups over the real '
+          f'experts only); allowed with null experts: {name}={default!r}.')
 
 
 _add(RouterSpec(
     name='topk', module=routing.Router, kwargs=_topk_kwargs,
-    options=TOPK_OPTIONS,
+    options=TOPK_OPTIONS, validate=_check_null_experts,
     # 'score' priority sorts a group's tokens by score: later tokens first.
     causal_options=(('priority', ('choice', 'token')),)))
 _add(RouterSpec(
@@ -352,3 +381,6 @@ _add(RouterSpec(
     # Unchecked elsewhere: configs that sweep the router keep one setting.
     options=(('slots_per_expert', UNCHECKED), ('soft_normalize', UNCHECKED)),
     capacity_k=lambda layer: None, dense_dispatch=True))
+
+# ReMoE registers itself ('relu'); imported last, as it uses this module.
+from moejax import relu_router  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import

@@ -292,7 +292,8 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
                 second_expert_threshold: float = 0.2,
                 num_groups: int = 1,
                 topk_groups: Optional[int] = None,
-                group_score: str = 'top2_sum') -> RoutingDecision:
+                group_score: str = 'top2_sum',
+                num_null: int = 0) -> RoutingDecision:
   """Token-choice top-K routing with capacity, from scores.
 
   Args:
@@ -309,9 +310,13 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
     second_expert_threshold: the policy's threshold (0.2).
     num_groups, topk_groups, group_score: group-limited selection (see
       `select_top_k`).
+    num_null: N, the last N of the scores' E + N columns are null experts
+      (AdaMoE): a choice of one (expert_index >= E) requests no slot and
+      is never kept; `renormalize` then divides by the real choices' gates
+      only (AdaMoE's code). 0: every column is a real expert.
 
   Returns:
-    A RoutingDecision.
+    A RoutingDecision (num_experts = E, the real experts).
 
   Example (3 tokens, E=3, K=2, C=2, 'choice'): probs
   [[.4,0,.2],[.5,.1,.4],[.3,.2,.6]] give token 0 -> (expert 0, slot 0) and
@@ -319,15 +324,22 @@ def route_top_k(scores: jax.Array, k: int, capacity: int,
   expert 0 dropped.
   """
   g, s, e = scores.shape
+  e -= num_null
   expert_index, gate = select_top_k(scores, k, bias, num_groups, topk_groups,
                                     group_score)
   valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
   request = jnp.broadcast_to(valid[..., None], (g, s, k))
+  if num_null:
+    request = request & (expert_index < e)
   if second_expert_rng is not None and k > 1:
     request = request & random_second_expert(gate, second_expert_rng,
                                               second_expert_threshold)
   slot, kept = assign_slots(expert_index, request, e, capacity, priority,
                             priority_score=gate[..., 0])
+  if num_null and renormalize:
+    real = jnp.where(expert_index < e, gate, 0.0)
+    gate = jnp.where(expert_index < e, normalize_gates(real, True), gate)
+    renormalize = False
   gate = normalize_gates(gate, renormalize, scale)
   return RoutingDecision(expert_index=expert_index, slot=slot, gate=gate,
                          request=request, kept=kept, num_experts=e,
@@ -359,6 +371,13 @@ class Router(nn.Module):
   `aux_loss_scope='batch'`: over the whole batch, see
   `losses.load_balance_loss`),
   `z_loss` and the metrics of `moejax.losses.routing_metrics`.
+
+  Null experts (`num_null_experts` N > 0, AdaMoE, Zeng et al. 2024): the
+  kernel is [D, E + N] and top-K runs over all E + N scores; a null choice
+  (expert_index >= E) takes no slot and adds exactly 0, so a token gets 0
+  to K real experts. The balance loss counts the N null experts as experts
+  (E + N of them, AdaMoE's loss); `expert_load` stays over the E real
+  ones; aux adds `losses.active_expert_metrics` and `null_fraction`.
   """
   num_experts: int
   top_k: int = 1
@@ -375,6 +394,7 @@ class Router(nn.Module):
   bias_update_rate: float = 0.0
   selection_bias: bool = False
   aux_loss_scope: str = 'group'
+  num_null_experts: int = 0
   # Switch Transformer: truncated normal with scale 0.1 / fan_in.
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
       0.1, 'fan_in', 'truncated_normal')
@@ -396,7 +416,8 @@ class Router(nn.Module):
                  SECOND_EXPERT_POLICIES)
     g, s, d = x.shape
     valid = jnp.ones((g, s), bool) if valid is None else valid
-    kernel = self.param('kernel', self.kernel_init, (d, self.num_experts),
+    kernel = self.param('kernel', self.kernel_init,
+                        (d, self.num_experts + self.num_null_experts),
                         jnp.float32)
     bias = self._bias()
     x_router = x
@@ -414,12 +435,19 @@ class Router(nn.Module):
         second_expert_rng=policy_rng,
         second_expert_threshold=self.second_expert_threshold,
         num_groups=self.num_groups, topk_groups=self.topk_groups,
-        group_score=self.group_score)
+        group_score=self.group_score, num_null=self.num_null_experts)
     probs = losses.expert_probs(scores, self.score_fn)
-    aux = {'aux_loss': losses.load_balance_loss(probs, decision, valid,
+    # Null experts: balanced as E + N experts (AdaMoE), so at balance a
+    # choice is null with probability N / (E + N).
+    scored = (decision.replace(num_experts=probs.shape[-1])
+              if self.num_null_experts else decision)
+    aux = {'aux_loss': losses.load_balance_loss(probs, scored, valid,
                                                 self.aux_loss_scope),
            'z_loss': losses.z_loss(logits, valid)}
     aux.update(losses.routing_metrics(probs, decision, valid))
+    if self.num_null_experts:
+      aux.update(losses.active_expert_metrics(decision, valid))
+      aux['null_fraction'] = losses.null_fraction(decision, valid)
     if (bias is not None and self.bias_update_rate > 0 and
         not deterministic and
         self.is_mutable_collection('moe_state')):

@@ -70,6 +70,7 @@ def _xla_bytes(s, dispatcher, e, k):
 @pytest.mark.parametrize('dispatcher, dtype', [
     ('gather', 'float32'), ('einsum', 'float32'), ('ragged', 'float32'),
     ('per_token', 'float32'), ('dense', 'float32'), ('gather', 'bfloat16'),
+    ('blocked', 'float32'), ('gather:dropless', 'float32'),
 ])
 def test_estimate_within_2x_of_xla(dispatcher, dtype):
   s = bench_common.Settings(dtype=dtype, **SMALL)
@@ -103,6 +104,10 @@ def test_layer_bytes_by_hand():
   assert ragged['buffers'] == 1152 and ragged['masked'] == 3072
   # A grouped-matmul kernel (GPU) has no masked copies.
   assert 'masked' not in bench_memory.layer_bytes('ragged', shape, 4, 'gpu')
+  # blocked: N = 8, E = 2: b = 16 (8 / 2 = 4, clipped up to 16), Bk =
+  # (8 + 2*15) // 16 = 2 blocks, P = 32 rows: 3 * 32 * 12 * 4 = 4608.
+  assert bench_memory.layer_bytes('blocked', shape, 4, 'cpu')[
+      'buffers'] == 4608
 
 
 def test_gate_names_the_largest_part():

@@ -78,6 +78,10 @@ def test_switch_tiny_by_hand():
 
 @pytest.mark.parametrize('name,overrides', [
     ('gshard', dict(train__batch_size=8)),  # top-2, E=4: MoE buffers
+    # dropless 'blocked': the block-padded sorted rows, not E * S slots
+    ('switch', dict(train__batch_size=8, model__moe__capacity_factor=None,
+                    model__moe__eval_capacity_factor=None,
+                    model__moe__dispatcher='blocked')),
     ('dense', {'data.seq_len': 128, 'data.example_len': 129,
                'train.batch_size': 4}),  # attention scores dominate
 ])

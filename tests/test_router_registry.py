@@ -29,7 +29,7 @@ from tests import reference
 from tests.conftest import init_key
 
 D, F, E, S = 8, 16, 3, 8
-BUILTIN = ('topk', 'expert_choice', 'soft_moe')
+BUILTIN = ('topk', 'expert_choice', 'soft_moe', 'relu')
 
 
 class PositionHashRouter(nn.Module):
@@ -168,12 +168,12 @@ def test_registered_router_in_a_causal_lm_and_generation(register):
 
 def test_unknown_router_lists_the_registered_names(register):
   with pytest.raises(ValueError, match="allowed values: 'topk', "
-                     "'expert_choice', 'soft_moe'.$"):
+                     "'expert_choice', 'soft_moe', 'relu'.$"):
     moejax.MoeLayer(num_experts=E, d_ff=F, router='hash')
   register(HASH)
   with pytest.raises(ValueError, match="router='nope' is not supported; "
                      "allowed values: 'topk', 'expert_choice', 'soft_moe', "
-                     "'hash'."):
+                     "'relu', 'hash'."):
     moejax.MoeLayer(num_experts=E, d_ff=F, router='nope')
 
 
@@ -187,7 +187,8 @@ def test_router_not_causal_safe_is_refused_in_a_causal_layer(register):
   assert str(info.value).startswith("router='hash_lookahead' lets a token")
   # Every causal-safe registered router is offered, with its safe options.
   assert ("allowed values in a causal model: router='topk' with priority "
-          "'choice' or 'token', or router='hash' with priority 'choice' or "
+          "'choice' or 'token', or router='relu' with priority 'choice' or "
+          "'token', or router='hash' with priority 'choice' or "
           "'token' (or set allow_noncausal_routing=True") in str(info.value)
   moejax.MoeLayer(**kw, causal=True, allow_noncausal_routing=True)
   moejax.MoeLayer(**kw)  # not causal: fine
@@ -206,13 +207,15 @@ def test_router_not_causal_safe_is_refused_in_a_causal_layer(register):
 def test_options_owned_by_another_router_are_refused(register):
   register(HASH)
   with pytest.raises(ValueError, match=(
-      r"^top_k=2 applies to router='topk' only; with router='hash' leave "
-      r"it at 1\.$")):
+      r"^top_k=2 applies to router='topk' or 'relu' only; with "
+      r"router='hash' leave it at 1\.$")):
     moejax.MoeLayer(num_experts=E, d_ff=F, router='hash', top_k=2)
-  # priority is owned by 'topk' and 'hash': both may set it, others not.
+  # priority is owned by 'topk', 'relu' and 'hash': they may set it, others
+  # not.
   moejax.MoeLayer(num_experts=E, d_ff=F, router='hash', priority='token')
   with pytest.raises(ValueError, match=(
-      r"^priority='token' applies to router='topk' or 'hash' only; with "
+      r"^priority='token' applies to router='topk' or 'relu' or 'hash' "
+      r"only; with "
       r"router='expert_choice' leave it at 'choice'\.$")):
     moejax.MoeLayer(num_experts=E, d_ff=F, router='expert_choice',
                     priority='token')

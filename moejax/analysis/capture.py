@@ -174,6 +174,8 @@ def expert_label_counts(model: nn.Module, variables: Any,
     if not hasattr(decision, 'expert_index') or (
         rest and EXPERT_CHOICE_KEY in rest[-1]):
       continue  # soft / expert-choice routing: no per-token first choice
+    if decision.expert_index[..., 0].size < b * l:
+      continue  # a Mixture-of-Depths block's MoE: its selected tokens only
     top1 = _top1(decision, model, b, l)  # [B, L]
     for name, (label, n) in labels.items():
       rows = jnp.stack([label, jnp.roll(label, 1, axis=0)])  # [2, B, L]

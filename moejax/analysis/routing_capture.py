@@ -16,8 +16,11 @@ the router saw in eval mode, where there is no jitter. A MoeLayer routes
 groups [G, S] (`MoeLayer._group`, padded at the end if asked); the first
 B * L group positions are the batch's tokens in order.
 
-Only token-choice routers (router='topk') are read; expert choice and Soft
-MoE have no "K best experts per token" and raise a ValueError.
+Only token-choice routers are read: router='topk' (with null experts,
+logits are [.., E + N] and an expert_index >= E is a null expert) and
+router='relu' (K = E choices, the experts by gate, largest first; `kept`
+False for the inactive ones); expert choice and Soft MoE have no "K best
+experts per token" and raise a ValueError.
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ import numpy as np
 from flax import struct
 
 from moejax import expert_choice
+from moejax import relu_router
 from moejax import routing
 from moejax import soft_moe
 from moejax.analysis.capture import _apply_captured
 from moejax.analysis.capture import _as_variables
 from moejax.analysis.capture import _router_decisions
 from moejax.analysis.capture import is_router
-from moejax.analysis.capture import layer_order
 from moejax.analysis.capture import on_tokens
+from moejax.analysis.capture import layer_order
 
 # Router modules this capture refuses, by the MoeLayer `router` value.
 UNSUPPORTED_ROUTERS = ((expert_choice.ExpertChoiceRouter, 'expert_choice'),
@@ -68,8 +72,9 @@ def _check_token_choice(module: nn.Module) -> None:
       raise ValueError(
           f"capture_routing reads token-choice routing only; the router at "
           f"{'/'.join(module.path)} is router={name!r} ({kind.__name__}), "
-          "which has no K best experts per token. Allowed: router='topk'.")
-  if not isinstance(module, routing.Router):
+          "which has no K best experts per token. Allowed: router='topk' "
+          "or 'relu'.")
+  if not isinstance(module, (routing.Router, relu_router.ReluRouter)):
     raise ValueError(f'capture_routing: unknown router module '
                      f'{type(module).__name__} at {"/".join(module.path)}.')
 

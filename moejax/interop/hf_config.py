@@ -249,6 +249,7 @@ def _moe_problems(model, family: str) -> list[str]:
   moe = dict(model.moe)
   expected = {'capacity_factor': None, 'eval_capacity_factor': None,
               'router': 'topk', 'granularity': 1, 'jitter_eps': 0.0,
+              'num_null_experts': 0,  # HF families have no null experts
               'score_fn': 'sigmoid' if family == 'deepseek_v3' else 'softmax'}
   if family == 'mixtral':
     expected['renormalize'] = True

@@ -259,9 +259,13 @@ class _AttentionBase(nn.Module):
     return nn.RMSNorm(epsilon=self.options.norm_eps, dtype=self.dtype,
                       param_dtype=self.param_dtype, name=name)
 
-  def _positions(self, length: int, decode: bool) -> jax.Array:
+  def _positions(self, length: int, decode: bool,
+                 positions: Optional[jax.Array] = None) -> jax.Array:
     """[L] positions of this call's queries: 0..L-1, or after the cached
-    ones when decoding."""
+    ones when decoding; `positions` ([B, L], e.g. a Mixture-of-Depths
+    block's selected tokens) when given."""
+    if positions is not None:
+      return positions
     positions = jnp.arange(length)
     if decode and self.has_variable('cache', 'index'):
       positions = positions + self.get_variable('cache', 'index')
@@ -354,13 +358,18 @@ class SelfAttention(_AttentionBase):
 
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, positions: Optional[jax.Array] = None,
+               key_mask: Optional[jax.Array] = None) -> jax.Array:
     """Attends.
 
     Args:
       x: [B, L, D].
       padding_mask: optional [B, L] bool, True = padding (never a key).
       decode: use and extend the KV cache (collection 'cache').
+      positions: optional [B, L] RoPE positions of the L tokens (default
+        0..L-1, or after the cache); the mask stays causal in the L order.
+      key_mask: optional [B, M] bool, True = may be a key (M = L, or the
+        cache length when decoding); ANDed into the mask.
 
     Returns:
       [B, L, D] in `dtype`.
@@ -373,11 +382,13 @@ class SelfAttention(_AttentionBase):
     q = self._qk_norm(self._project(x, 'query', h, dh), 'query_norm')
     k = self._qk_norm(self._project(x, 'key', kvh, dh), 'key_norm')
     v = self._project(x, 'value', kvh, dh)
-    positions = self._positions(x.shape[1], decode)
+    positions = self._positions(x.shape[1], decode, positions)
     rope = lambda t: apply_rope(t, positions, self.options.rope_base,
                                 self.options.rope_interleave)
     q, k = rope(q), rope(k)
     k, v, mask = self._keys_values(k, v, padding_mask, decode)
+    if key_mask is not None:
+      mask = mask & key_mask[:, None, None, :]
     return self._out(attend(q, k, v, mask, self.dtype), d)
 
 
@@ -423,7 +434,8 @@ class LatentAttention(_AttentionBase):
 
   @nn.compact
   def __call__(self, x: jax.Array, padding_mask: Optional[jax.Array] = None,
-               decode: bool = False) -> jax.Array:
+               decode: bool = False, positions: Optional[jax.Array] = None,
+               key_mask: Optional[jax.Array] = None) -> jax.Array:
     """Attends; same contract as `SelfAttention.__call__`."""
     o = self.options
     d = x.shape[-1]
@@ -431,10 +443,12 @@ class LatentAttention(_AttentionBase):
     q = self._query(x)
     q_nope, q_pe = q[..., :o.qk_nope_head_dim], q[..., o.qk_nope_head_dim:]
     k_nope, k_pe, v = self._keys(x)
-    positions = self._positions(x.shape[1], decode)
+    positions = self._positions(x.shape[1], decode, positions)
     rope = lambda t: apply_rope(t, positions, o.rope_base, o.rope_interleave)
     q = jnp.concatenate([q_nope, rope(q_pe)], axis=-1)
     k_pe = jnp.broadcast_to(rope(k_pe), k_nope.shape[:3] + (k_pe.shape[-1],))
     k = jnp.concatenate([k_nope, k_pe], axis=-1)  # [B, L, H, Dn + Dr]
     k, v, mask = self._keys_values(k, v, padding_mask, decode)
+    if key_mask is not None:
+      mask = mask & key_mask[:, None, None, :]
     return self._out(attend(q, k, v, mask, self.dtype), d)

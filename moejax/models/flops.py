@@ -100,7 +100,9 @@ def experts_per_token(moe, seq_len: int) -> float:
     seq_len: L (Soft MoE groups default to one sequence).
 
   Returns:
-    token choice: granularity * top_k; expert choice: granularity * cf (the
+    token choice: granularity * top_k (with null experts an upper bound;
+    'relu': the target K; the realised mean of both is the
+    `active_experts` metric); expert choice: granularity * cf (the
     training capacity factor; every expert fills its C = cf * S / E slots,
     up to rounding); Soft MoE: granularity * E * slots_per_expert / S slot
     evaluations per token; 0 without MoE.

@@ -45,6 +45,11 @@ embeddings from giving logits of scale sqrt(D) at init, as in T5/Mesh TF).
 Decoding: `decode=True` runs the next positions against a KV cache
 (collection 'cache'); `moejax.generate` drives it.
 
+Mixture-of-Depths (`mod`): block i with (i + 1) % mod.every == 0 is a
+`moejax.models.mod.ModBlock`: the same block (and param names) plus
+`mod_router` (and `mod_predictor`), run on the top capacity fraction of
+each sequence's tokens only; the others skip it.
+
 RNG streams: 'router' only, and only for MoE layers with `jitter_eps > 0` or
 `second_expert_policy='random'` when `deterministic=False`.
 """
@@ -75,6 +80,10 @@ RESERVED_MOE_KEYS = ('d_ff', 'activation', 'dtype', 'param_dtype', 'causal',
                      'lora_rank', 'lora_alpha', 'lora_targets')
 # Per-layer aux entries averaged over the MoE layers into the model's aux.
 MEAN_AUX_KEYS = ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation')
+# Entries only some routers report ('relu': reg_loss; 'relu' and null
+# experts: active_experts), averaged over the layers that report them and
+# absent from the model's aux when none does.
+OPTIONAL_MEAN_AUX_KEYS = ('reg_loss', 'active_experts')
 # The keys of TransformerLM.mla (DeepSeek multi-head latent attention).
 MLA_KEYS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
             'qk_rope_head_dim', 'v_head_dim')
@@ -83,6 +92,12 @@ MLA_KEYS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
 def _check_int(name: str, value, minimum: int) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
     raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
+
+
+def _mod_lib():
+  """moejax.models.mod, imported on use (it imports this module)."""
+  from moejax.models import mod  # pylint: disable=g-import-not-at-top
+  return mod
 
 
 def moe_layer_indices(num_layers: int, moe_every: int = 1,
@@ -175,26 +190,53 @@ class Block(nn.Module):
     Returns:
       x [B, L, D] and the MoeLayer aux dict (None for a dense block).
     """
+    x, y, aux = self.updates(x, padding_mask, deterministic, decode)
+    return x + y.astype(x.dtype), aux
+
+  def updates(self, x: jax.Array, padding_mask: Optional[jax.Array],
+              deterministic: bool, decode: bool,
+              positions: Optional[jax.Array] = None,
+              key_mask: Optional[jax.Array] = None,
+              route_mask: Optional[jax.Array] = None):
+    """The block's attention step and FFN output (inside a compact method).
+
+    Args:
+      x: [B, L, D] residual stream.
+      padding_mask: optional [B, L] bool, True = padding (never a key).
+      deterministic: eval mode (passed to the MoeLayer).
+      decode: attend through the KV cache.
+      positions: optional [B, L] RoPE positions (see `SelfAttention`).
+      key_mask: optional [B, M] bool, True = may be a key.
+      route_mask: optional [B, L] bool, True = not routed by the MoeLayer
+        (default: padding_mask).
+
+    Returns:
+      x + a [B, L, D] (a the attention output), y [B, L, D] the FFN
+      output on it (the block's output is x + a + y), and the MoeLayer aux
+      dict (None for a dense FFN).
+    """
     norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name=name)
     h = norm('attn_norm')(x)
-    x = x + self._attention()(h, padding_mask, decode)
+    x = x + self._attention()(h, padding_mask, decode, positions=positions,
+                              key_mask=key_mask)
     h = norm('ffn_norm')(x)
     if self.moe is None:
       rank = self.lora_rank if 'dense' in self.lora_targets else 0
       y = DenseFfn(self.d_ff, self.activation, self.dtype, self.param_dtype,
                    lora_rank=rank, lora_alpha=self.lora_alpha,
                    name='ffn')(h)
-      return x + y.astype(x.dtype), None
+      return x, y, None
     targets = tuple(t for t in self.lora_targets if t != 'dense')
     y, aux = MoeLayer(**self.moe, d_ff=self.d_ff, activation=self.activation,
                       causal=self.causal, dtype=self.dtype,
                       param_dtype=self.param_dtype, lora_rank=self.lora_rank,
                       lora_alpha=self.lora_alpha, lora_targets=targets,
                       name='ffn')(
-                          h, padding_mask=padding_mask,
+                          h, padding_mask=(padding_mask if route_mask is None
+                                           else route_mask),
                           deterministic=deterministic)
-    return x + y.astype(x.dtype), aux
+    return x, y, aux
 
 
 def freeze_moe(moe: Optional[Mapping], d_ff: int = 1,
@@ -271,6 +313,10 @@ class TransformerLM(nn.Module):
     lora_alpha: the adapters' scale is lora_alpha / r (LoRA paper).
     lora_targets: 'experts' (routed expert banks), 'shared' (shared
       experts), 'dense' (the dense FFN blocks).
+    mod: Mixture-of-Depths blocks (moejax.models.mod.ModOptions or a
+      mapping of its fields: every, capacity, predictor, predictor_hidden,
+      aux_weight, decisions); None = none (params and logits exactly as
+      without). An MoD block keeps its dense or MoE FFN (MoDE).
   """
   num_layers: int
   d_model: int
@@ -299,6 +345,7 @@ class TransformerLM(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple = ('experts',)
+  mod: Optional[Any] = None
   # Read by the train step (moejax.train.step): next-token cross-entropy.
   task = 'lm'
 
@@ -325,6 +372,8 @@ class TransformerLM(nn.Module):
     object.__setattr__(self, 'moe', freeze_moe(self.moe, self.d_ff))
     if self.mla is not None:
       object.__setattr__(self, 'mla', FrozenDict(self.mla))
+    if self.mod is not None:
+      object.__setattr__(self, 'mod', _mod_lib().freeze_mod(self.mod))
     super().__post_init__()
 
   @property
@@ -370,11 +419,14 @@ class TransformerLM(nn.Module):
   def _block(self, i: int, moe_layers) -> Block:
     moe = self.moe if i in moe_layers else None
     d_ff = self.d_ff if moe is not None else (self.dense_d_ff or self.d_ff)
-    return Block(self.num_heads, d_ff, self.activation, moe, self.rope_base,
-                 self.dtype, self.param_dtype,
-                 attention=self.attention_options, norm_eps=self.norm_eps,
-                 lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                 lora_targets=self.lora_targets, name=f'block_{i}')
+    kind, extra = Block, {}
+    if self.mod is not None and i in self.mod.layers(self.num_layers):
+      kind, extra = _mod_lib().ModBlock, {'mod': self.mod}
+    return kind(self.num_heads, d_ff, self.activation, moe, self.rope_base,
+                self.dtype, self.param_dtype,
+                attention=self.attention_options, norm_eps=self.norm_eps,
+                lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                lora_targets=self.lora_targets, name=f'block_{i}', **extra)
 
   @nn.compact
   def __call__(self, tokens: jax.Array,
@@ -397,7 +449,9 @@ class TransformerLM(nn.Module):
       logits [B, L, V] float32, and aux: {'layers': {'block_i': MoeLayer
       aux dict} for the MoE blocks, plus 'aux_loss', 'z_loss',
       'drop_fraction', 'max_violation', float32 scalars averaged over the MoE
-      blocks (0.0 if there are none)}.
+      blocks (0.0 if there are none)}; with MoD blocks also 'mod_layers',
+      'mod_bce', 'mod_accuracy', 'mod_fraction' and 'mod_loss' (see
+      `moejax.models.mod.summarize_mod_aux`).
     """
     embed = nn.Embed(self.vocab_size, self.d_model,
                      embedding_init=nn.initializers.normal(stddev=1.0),
@@ -405,15 +459,20 @@ class TransformerLM(nn.Module):
                      name='embed')
     x = embed(tokens.astype(jnp.int32))  # [B, L, D]
     moe_layers = set(self.moe_layers)
-    layer_aux = {}
+    layer_aux, mod_aux = {}, {}
     for i in range(self.num_layers):
-      x, aux = self._block(i, moe_layers)(x, padding_mask, deterministic,
-                                          decode)
+      x, aux, *mod = self._block(i, moe_layers)(x, padding_mask,
+                                                deterministic, decode)
       if aux is not None:
         layer_aux[f'block_{i}'] = aux
+      if mod:  # an MoD block's (moejax.models.mod) metrics
+        mod_aux[f'block_{i}'] = mod[0]
     x = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='final_norm')(x)
-    return self._logits(embed, x), summarize_aux(layer_aux)
+    out = summarize_aux(layer_aux)
+    if mod_aux:
+      out.update(_mod_lib().summarize_mod_aux(mod_aux, self.mod.aux_weight))
+    return self._logits(embed, x), out
 
 
 def summarize_aux(layer_aux: Mapping[str, Mapping[str, jax.Array]]) -> dict:
@@ -425,11 +484,17 @@ def summarize_aux(layer_aux: Mapping[str, Mapping[str, jax.Array]]) -> dict:
   Returns:
     {'layers': dict(layer_aux), and for each of aux_loss, z_loss,
     drop_fraction, max_violation the float32 scalar mean over layers
-    (0.0 with no layers)}.
+    (0.0 with no layers); each `OPTIONAL_MEAN_AUX_KEYS` entry some layer
+    reports: its mean over those layers}.
   """
   out = {'layers': dict(layer_aux)}
   for key in MEAN_AUX_KEYS:
     values = [jnp.asarray(a[key], jnp.float32) for a in layer_aux.values()]
     out[key] = (jnp.mean(jnp.stack(values)) if values
                 else jnp.zeros((), jnp.float32))
+  for key in OPTIONAL_MEAN_AUX_KEYS:
+    values = [jnp.asarray(a[key], jnp.float32) for a in layer_aux.values()
+              if key in a]
+    if values:
+      out[key] = jnp.mean(jnp.stack(values))
   return out

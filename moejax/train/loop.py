@@ -73,9 +73,14 @@ from moejax.train.run_spec import RunSpec
 
 # Train-step metrics copied into train records as 'train/<name>'.
 TRAIN_KEYS = ('loss', 'lm_loss', 'aux_loss', 'z_loss', 'drop_fraction',
-              'max_violation', 'grad_norm', 'param_norm', 'learning_rate')
+              'max_violation', 'grad_norm', 'param_norm', 'learning_rate',
+              'reg_loss', 'active_experts',  # these: when reported
+              'mod_loss', 'mod_bce', 'mod_accuracy', 'mod_fraction')
 # Eval-step metrics averaged over batches into 'eval/<name>'.
 EVAL_MEAN_KEYS = ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation')
+# ... and those only some routers report (step.OPTIONAL_METRIC_KEYS).
+EVAL_OPTIONAL_KEYS = ('reg_loss', 'active_experts', 'mod_loss', 'mod_bce',
+                      'mod_accuracy', 'mod_fraction')  # + MoD blocks'
 
 
 @dataclasses.dataclass
@@ -146,6 +151,9 @@ def evaluate(eval_step, params: Any,
             'eval/loss': sum(o['nll_sum'] for o in outs) / count}
   for key in EVAL_MEAN_KEYS:
     record[f'eval/{key}'] = float(np.mean([o[key] for o in outs]))
+  for key in EVAL_OPTIONAL_KEYS:
+    if key in outs[0]:
+      record[f'eval/{key}'] = float(np.mean([o[key] for o in outs]))
   record.update(specialisation_record(counts))
   record.update(specialisation_record(token_counts, 'token_specialisation'))
   if 'correct' in outs[0]:  # a classifier: no next-token floor applies

@@ -6,7 +6,12 @@ A batch is `tokens` [B, L + 1] int32: inputs `tokens[:, :-1]`, targets
 `tokens[:, 1:]`. The loss is
 
     lm_loss + aux_loss_weight * aux['aux_loss'] + z_loss_weight * aux['z_loss']
+            (+ aux['reg_loss']) (+ aux['mod_loss'])
 
+where aux['reg_loss'] is there only when a router reports it (ReMoE's
+lambda * L1, weight 1: its coefficient adapts on its own; the other
+routers' losses are unchanged, bit for bit), and aux['mod_loss'] only with
+Mixture-of-Depths blocks (their weighted predictor BCE, moejax.models.mod),
 where lm_loss is the mean next-token cross-entropy over the non-padding
 target positions. For a classifier (`model.task == 'classify'`, e.g.
 `EncoderClassifier`) the inputs are the same `tokens[:, :-1]`, the targets
@@ -45,6 +50,12 @@ Metrics = dict[str, jax.Array]
 # Eval-step entries 'spec_counts/<layer>': [2, E, N] expert x domain counts.
 SPEC_PREFIX = 'spec_counts/'
 TOKEN_SPEC_PREFIX = 'token_counts/'  # (top-1 expert, input token id) counts
+# Model aux entries copied into the metrics when the routers report them
+# (models.transformer.OPTIONAL_MEAN_AUX_KEYS).
+OPTIONAL_METRIC_KEYS = ('reg_loss', 'active_experts')
+# Mixture-of-Depths aux entries (moejax.models.mod.summarize_mod_aux), there
+# only when the model has MoD blocks; 'mod_loss' is added to the loss.
+MOD_METRIC_KEYS = ('mod_loss', 'mod_bce', 'mod_accuracy', 'mod_fraction')
 
 
 def step_rng(seed, step: jax.Array) -> jax.Array:
@@ -161,9 +172,16 @@ def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
   lm_loss = metrics['nll_sum'] / jnp.maximum(metrics['tokens'], 1.0)
   loss = (lm_loss + aux_loss_weight * aux['aux_loss'] +
           z_loss_weight * aux['z_loss'])
+  if 'reg_loss' in aux:  # ReMoE: lambda is the weight (not added as 0)
+    loss = loss + aux['reg_loss']
+  if 'mod_loss' in aux:  # MoD predictor BCE, weighted by the model
+    loss = loss + aux['mod_loss']
   metrics.update(loss=loss, lm_loss=lm_loss)
   for key in ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation'):
     metrics[key] = aux[key]
+  for key in OPTIONAL_METRIC_KEYS + MOD_METRIC_KEYS:
+    if key in aux:
+      metrics[key] = aux[key]
   metrics.update(layer_metrics(aux))
   return loss, (metrics, new_state)
 
@@ -192,7 +210,8 @@ def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
 
   Returns:
     loss (float32 scalar) and metrics: 'loss', 'lm_loss' (the task loss),
-    'aux_loss', 'z_loss', 'drop_fraction', 'max_violation', 'nll_sum',
+    'aux_loss', 'z_loss', 'drop_fraction', 'max_violation' ('reg_loss',
+    'active_experts' when the routers report them), 'nll_sum',
     'tokens', ('correct' for classifiers), plus the per-layer 'moe/...'
     entries.
   """
