@@ -62,6 +62,14 @@ def get_sweeps(arg=None):
     balance     aux_loss_weight in {0, 1e-4, 1e-3, 1e-2, 1e-1, 1}: 1 is
                 past the published range, to show what too much costs.
     seeds       the config unchanged at seeds 0, 1, 2.
+    conditional conditional computation beyond top-1 at the buffers and
+                active expert FLOPs of Switch top-1 (each point labelled):
+                top-1; top-2 with experts of width d_ff/2; ReMoE (ReLU
+                gates, adaptive L1 towards 1 active expert, load-balancing
+                L1, no Switch loss); top-2 of 8 real + 8 null experts
+                (balanced: 1 real expert per token; cf halved for K = 2);
+                MoDE (top-1 MoE + Mixture-of-Depths every other block at
+                12.5% of tokens: fewer FLOPs, not matched).
     router      the causal LM's token-choice routers at top-2 and equal
                 active FLOPs: softmax (GShard-like, aux 0.01), sigmoid +
                 loss-free balancing bias (DeepSeek-V3, aux 0), and the same
@@ -96,6 +104,7 @@ def get_sweeps(arg=None):
       'balance': [{moe + 'aux_loss_weight': w}
                   for w in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
       'seeds': [{'seed': s} for s in (0, 1, 2)],
+      'conditional': _conditional(config),
       'router': [
           {moe + 'top_k': 2},
           {moe + 'top_k': 2, moe + 'score_fn': 'sigmoid',
@@ -109,3 +118,22 @@ def get_sweeps(arg=None):
            moe + 'num_shared_experts': 2, moe + 'aux_loss_weight': 0.0},
       ],
   }
+
+
+def _conditional(config):
+  """The `conditional` sweep's points (see get_sweeps)."""
+  moe, label = 'model.moe.', '_label'
+  experts = config.model.moe.num_experts
+  return [
+      {label: 'top-1'},
+      {label: 'top-2-half-width', moe + 'top_k': 2,
+       'model.d_ff': config.model.d_ff // 2},
+      {label: 'ReMoE', moe + 'router': 'relu',
+       moe + 'relu_l1_balance': True, moe + 'aux_loss_weight': 0.0},
+      {label: 'null-experts', moe + 'top_k': 2,
+       moe + 'num_null_experts': experts,
+       moe + 'capacity_factor': config.model.moe.capacity_factor / 2,
+       moe + 'eval_capacity_factor': (
+           config.model.moe.eval_capacity_factor / 2)},
+      {label: 'MoDE', 'model.mod.every': 2},
+  ]

@@ -219,7 +219,12 @@ def _check_mod(config: ml_collections.ConfigDict) -> None:
   every = get('every')
   _require('model.mod.every', every, _is_int(every) and every >= 0,
            '0 (off) or an int >= 1 (block i is MoD iff (i + 1) % every == 0)')
-  if every == 0:
+  if every == 0:  # off: a changed option would silently do nothing
+    _require_defaults(config, [f'model.mod.{k}' for k in MOD_KEYS
+                               if k != 'every'],
+                      'applies only to Mixture-of-Depths blocks, and '
+                      'model.mod.every=0 makes none',
+                      'model.mod.every >= 1')
     return
   capacity = get('capacity')
   _require('model.mod.capacity', capacity,

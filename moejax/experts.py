@@ -117,7 +117,19 @@ def expert_kernel_init(scale: float = 1.0) -> nn.initializers.Initializer:
   return init
 
 
-class ExpertBank(nn.Module):
+class _Bank(nn.Module):
+  """The fields every expert bank has: E experts of width F, their
+  nonlinearity, compute / param dtypes, and LoRA rank and alpha."""
+  num_experts: int
+  d_ff: int
+  activation: str = 'relu'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+
+
+class ExpertBank(_Bank):
   """E independent FFNs applied to their own buffers.
 
   Params: `wi` [E, D, F] (or `wi_0`, `wi_1` [E, D, F] when gated) and
@@ -132,13 +144,6 @@ class ExpertBank(nn.Module):
   the experts run expert-parallel (`sharding.expert_parallel_ffn`); the
   params (names, shapes, init) do not depend on the mesh.
   """
-  num_experts: int
-  d_ff: int
-  activation: str = 'relu'
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -180,7 +185,7 @@ class DenseFfn(nn.Module):
                 '...D,DF->...F', '...F,FD->...D')
 
 
-class RaggedExpertBank(nn.Module):
+class RaggedExpertBank(_Bank):
   """The expert bank on expert-sorted rows, as grouped matmuls.
 
   Same params as `ExpertBank` (names, shapes, init), so a checkpoint works
@@ -190,13 +195,6 @@ class RaggedExpertBank(nn.Module):
   __call__: rows [N, D] sorted by expert, group_sizes [E] (rows per expert,
   sum <= N) -> [N, D]; rows past sum(group_sizes) come out zero.
   """
-  num_experts: int
-  d_ff: int
-  activation: str = 'relu'
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -207,7 +205,7 @@ class RaggedExpertBank(nn.Module):
                 grouped, grouped)
 
 
-class BlockedExpertBank(nn.Module):
+class BlockedExpertBank(_Bank):
   """The expert bank on block-padded expert-sorted rows (moejax.blocked).
 
   Same params as `ExpertBank` (names, shapes, init). Every block of b rows
@@ -218,13 +216,6 @@ class BlockedExpertBank(nn.Module):
   __call__: rows [P, D] (P = b * Bk), plan -> [P, D]; padding rows and
   blocks past plan.used_blocks come out zero.
   """
-  num_experts: int
-  d_ff: int
-  activation: str = 'relu'
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array, plan: blocked.BlockPlan) -> jax.Array:
@@ -235,7 +226,7 @@ class BlockedExpertBank(nn.Module):
                                plan, _NONLINEARITY[self.activation])
 
 
-class TokenExpertBank(nn.Module):
+class TokenExpertBank(_Bank):
   """The expert bank applied token by token: each token's K chosen experts'
   weights are gathered and applied to it (no buffers, no capacity slots).
 
@@ -250,13 +241,6 @@ class TokenExpertBank(nn.Module):
   __call__: x [N, D], expert_index [N, K] -> [N, K, D], the output of
   expert expert_index[n, k] on token n.
   """
-  num_experts: int
-  d_ff: int
-  activation: str = 'relu'
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: jax.Array, expert_index: jax.Array) -> jax.Array:

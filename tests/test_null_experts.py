@@ -17,7 +17,7 @@ from tests import reference
 from tests.conftest import init_key
 
 D, F = 4, 8
-DISPATCHERS = ('gather', 'einsum', 'ragged', 'per_token')
+DISPATCHERS = ('gather', 'einsum', 'ragged', 'per_token', 'blocked')
 
 
 @pytest.fixture(autouse=True)
@@ -150,7 +150,8 @@ def test_capacity_counts_only_real_requests():
 
 @pytest.mark.parametrize('dispatcher,priority,cf', [
     ('gather', 'choice', 0.5), ('einsum', 'token', 1.0),
-    ('ragged', 'choice', 1.0), ('per_token', 'token', 0.5)])
+    ('ragged', 'choice', 1.0), ('per_token', 'token', 0.5),
+    ('blocked', 'token', 0.5), ('blocked', 'choice', None)])
 def test_layer_matches_naive_loop_with_padding(dispatcher, priority, cf):
   layer = _layer(num_experts=4, num_null_experts=3, dispatcher=dispatcher,
                  priority=priority, capacity_factor=cf,

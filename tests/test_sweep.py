@@ -269,3 +269,30 @@ def test_header_names_the_stdlib_corpus(tmp_path, monkeypatch):
       'files, 2.5M train + 0.5M validation byte tokens  ']
   assert seen == [(str(tmp_path), 129)]
   assert sweep_cli._data_line(runs[2:]) == []
+
+
+def test_labelled_points_name_their_runs_and_rows(sweep_setup, capsys):
+  config, data_dir, out = sweep_setup
+  labelled = [{points_lib.LABEL_KEY: 'low lr', 'train.learning_rate': 0.01},
+              {points_lib.LABEL_KEY: 'top-2', 'model.moe.top_k': 2}]
+  assert points_lib.swept_keys(labelled) == ['train.learning_rate',
+                                             'model.moe.top_k']
+  assert points_lib.table_keys(labelled) == []  # the labels are the column
+  assert points_lib.table_keys(labelled[1:] and [{'a.b': 1}]) == ['a.b']
+  args = sweep_cli_args(config, out)
+  runs = points_lib.make_runs(args, labelled, {})
+  assert [r.name for r in runs] == ['low_lr,seed=0', 'top-2,seed=0']
+  assert runs[1].point == {'model.moe.top_k': 2}  # no label in overrides
+  assert points_lib.LABEL_KEY not in runs[1].overrides
+  for bad, needle in (([labelled[0], {'model.moe.top_k': 2}], 'on some'),
+                      ([{points_lib.LABEL_KEY: ''}], 'non-empty string')):
+    with pytest.raises(ValueError, match=needle):
+      points_lib.make_runs(args, bad, {})
+  del data_dir, capsys
+
+
+def sweep_cli_args(config, out):
+  import argparse  # pylint: disable=import-outside-toplevel
+  return argparse.Namespace(config=f'{config}:tiny', workdir=out, seeds=1,
+                            no_baseline=True, baseline_config=None,
+                            baseline_root=None)

@@ -88,7 +88,7 @@ def write_outputs(args, argv: Sequence[str], runs: Sequence[Run],
   curves = [(r.name, results_lib.read_jsonl(os.path.join(
       r.workdir, results_lib.METRICS_FILE)), r.baseline) for r in runs]
   return report.write_sweep_outputs(
-      os.path.abspath(args.workdir), records, points_lib.swept_keys(points),
+      os.path.abspath(args.workdir), records, points_lib.table_keys(points),
       curves, header, f'Sweep `{args.sweep}` of `{args.config}`')
 
 

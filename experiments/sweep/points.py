@@ -22,6 +22,9 @@ _SAFE = re.compile(r'[^A-Za-z0-9._=,+-]')
 # Overrides under this prefix are MoE-only: the dense baseline does not get
 # them (config_lib rejects MoE settings on a dense model).
 MOE_PREFIX = 'model.moe.'
+# A point may name itself: {LABEL_KEY: 'ReMoE', 'model.moe.router': 'relu'}.
+# The label is the point's directory name and table row, not a config key.
+LABEL_KEY = '_label'
 
 
 @dataclasses.dataclass
@@ -87,18 +90,45 @@ def select_sweep(spec: str, sweep: str) -> list[dict[str, Any]]:
 
 
 def swept_keys(points: Sequence[dict[str, Any]]) -> list[str]:
-  """The keys any point sets, in first-seen order."""
+  """The config keys any point sets, in first-seen order."""
   keys = []
   for p in points:
-    keys += [k for k in p if k not in keys]
+    keys += [k for k in p if k not in keys and k != LABEL_KEY]
   return keys
 
 
+def table_keys(points: Sequence[dict[str, Any]]) -> list[str]:
+  """The results table's key columns: none (the labels) if points have
+  labels, else `swept_keys`."""
+  return [] if any(LABEL_KEY in p for p in points) else swept_keys(points)
+
+
+def overrides_of(point: dict[str, Any]) -> dict[str, Any]:
+  """A point's config overrides (the point without its label)."""
+  return {k: v for k, v in point.items() if k != LABEL_KEY}
+
+
 def point_name(point: dict[str, Any], keys: Sequence[str]) -> str:
-  """Filesystem-safe name of a point: 'top_k=2,d_ff=128' ('base' if {})."""
+  """Filesystem-safe name of a point: its label, else 'top_k=2,d_ff=128'
+  ('base' if {})."""
+  if LABEL_KEY in point:
+    return _SAFE.sub('_', point[LABEL_KEY])
   parts = [f'{results_lib.short_key(k, keys)}={results_lib.format_value(v)}'
            for k, v in point.items()]
   return _SAFE.sub('_', ','.join(parts)) or 'base'
+
+
+def _check_labels(points: Sequence[dict[str, Any]]) -> None:
+  """Labels are all-or-none non-empty strings."""
+  labelled = [LABEL_KEY in p for p in points]
+  if any(labelled) and not all(labelled):
+    raise ValueError(f'sweep points: {LABEL_KEY!r} is set on some points but'
+                     ' not all; allowed: on every point or on none.')
+  for p in points:
+    label = p.get(LABEL_KEY, 'x')
+    if not (isinstance(label, str) and label.strip()):
+      raise ValueError(f'sweep point {p}: {LABEL_KEY}={label!r} is not '
+                       'allowed; allowed values: a non-empty string.')
 
 
 def cli_value(value: Any) -> str:
@@ -148,6 +178,7 @@ def make_runs(args, points: Sequence[dict[str, Any]],
   base = _checked_config(spec, overrides)
   seeds = [base.seed + i for i in range(args.seeds)]
   keys = swept_keys(points)
+  _check_labels(points)
   runs, names = [], set()
   for index, point in enumerate(points):
     if 'seed' in point and args.seeds > 1:
@@ -157,13 +188,14 @@ def make_runs(args, points: Sequence[dict[str, Any]],
     if group in names:
       raise ValueError(f'two sweep points are both named {group!r}.')
     names.add(group)
+    own = overrides_of(point)
     for seed in ([point['seed']] if 'seed' in point else seeds):
-      full = {**overrides, **point, 'seed': seed}
+      full = {**overrides, **own, 'seed': seed}
       name = group if 'seed' in point else f'{group},seed={seed}'
       steps = _checked_config(
           spec, full, f'sweep point {index + 1} of {len(points)} ({name})'
       ).train.steps
-      runs.append(Run(name, group, seed, dict(point), full, spec,
+      runs.append(Run(name, group, seed, own, full, spec,
                       os.path.join(os.path.abspath(args.workdir), name),
                       steps))
   baseline = baseline_spec(args)

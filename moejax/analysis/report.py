@@ -28,7 +28,10 @@ LEGEND = (
     'parentheses; token NMI: the same between top-1 expert and input token '
     'id (final eval, mean over MoE layers), with its chance level (token '
     'ids paired with another sequence\'s experts); params: total / active '
-    'per token; tok/s: median training '
+    'per token; experts/token: real experts a token asks for before '
+    'capacity (final eval; shown when a router varies it); MoD tokens: the '
+    'share of tokens the Mixture-of-Depths blocks process (its predictor\'s '
+    'accuracy vs the top-k choice in parentheses); tok/s: median training '
     'throughput; wall: training + analysis seconds of one run. Values are '
     'mean ± sample std over seeds.')
 
@@ -80,14 +83,34 @@ def _with_chance(row: Mapping[str, Any], metric: str, chance: str) -> str:
   return text
 
 
+def _reported(rows: Sequence[Mapping[str, Any]], metric: str) -> bool:
+  return any(math.isfinite(r.get(metric, float('nan'))) for r in rows)
+
+
+def _optional_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple]:
+  """(heading, row -> cell) of the columns only some sweeps have: experts
+  per token when the rows differ in it (top-k sweeps, ReMoE, null experts),
+  MoD tokens when a row has Mixture-of-Depths blocks."""
+  cols = []
+  experts = {r['active_experts'] for r in rows
+             if math.isfinite(r.get('active_experts', float('nan')))}
+  if len(experts) > 1:
+    cols.append(('experts/token', lambda r: cell(r, 'active_experts', 2)))
+  if _reported(rows, 'mod_fraction'):
+    cols.append(('MoD tokens (acc.)', lambda r: _with_chance(
+        r, 'mod_fraction', 'mod_accuracy')))
+  return cols
+
+
 def main_table(rows: Sequence[Mapping[str, Any]],
                keys: Sequence[str]) -> list[str]:
   """Markdown lines of the main table: one row per point (group)."""
   names = [results_lib.short_key(k, keys) for k in keys]
-  head = names + ['eval loss', 'excess', 'Δ dense', 'drop eval',
+  optional = _optional_columns(rows)
+  head = (names or ['point']) + ['eval loss', 'excess', 'Δ dense', 'drop eval',
                   'drop train', 'max-viol.', 'spec. NMI (chance)',
-                  'token NMI (chance)', 'params total / active', 'tok/s',
-                  'wall s', 'seeds']
+                  'token NMI (chance)', *[h for h, _ in optional],
+                  'params total / active', 'tok/s', 'wall s', 'seeds']
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for r in rows:
@@ -97,7 +120,8 @@ def main_table(rows: Sequence[Mapping[str, Any]],
     values += [cell(r, 'eval_loss'), cell(r, 'excess_loss'),
                cell(r, 'delta_dense'), cell(r, 'eval_drop_fraction'),
                cell(r, 'train_drop_fraction'), cell(r, 'eval_max_violation'),
-               spec, token, f'{_human(r["params_total"])} / '
+               spec, token, *[f(r) for _, f in optional],
+               f'{_human(r["params_total"])} / '
                f'{_human(r["params_active"])}',
                cell(r, 'tokens_per_sec', 0), cell(r, 'wall_s', 0),
                _seeds_cell(r)]

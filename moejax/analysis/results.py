@@ -31,7 +31,8 @@ ANALYSIS_FILE = 'analysis.json'
 METRICS = ('eval_loss', 'excess_loss', 'delta_dense', 'eval_drop_fraction',
            'train_drop_fraction', 'eval_max_violation', 'spec_nmi',
            'spec_chance', 'token_nmi', 'token_chance', 'params_total',
-           'params_active', 'tokens_per_sec', 'wall_s')
+           'params_active', 'tokens_per_sec', 'wall_s', 'active_experts',
+           'mod_fraction', 'mod_accuracy')
 # Fraction of the final steps whose train records give train_drop_fraction.
 TRAIN_TAIL = 0.25
 
@@ -90,6 +91,16 @@ def _train_metrics(records: Sequence[Mapping[str, Any]],
           'tokens_per_sec': float(np.median(rates)) if rates else nan}
 
 
+def _static_top_k(workdir: str) -> float:
+  """K of a plain top-K MoE run (its config.json), else NaN: the experts
+  every token asks for when no router reports a varying number."""
+  moe = ((read_json(os.path.join(workdir, 'config.json')) or {})
+         .get('model', {}).get('moe', {}))
+  plain = (moe.get('num_experts', 0) and moe.get('router') == 'topk' and
+           not moe.get('num_null_experts', 0))
+  return float(moe['top_k']) if plain else float('nan')
+
+
 def read_run(workdir: str, steps: int) -> dict[str, Any]:
   """Measured metrics of one run dir.
 
@@ -104,7 +115,12 @@ def read_run(workdir: str, steps: int) -> dict[str, Any]:
     'spec_chance' (mean shuffled-domain NMI), 'spec_layers' {layer: nmi},
     'token_nmi' / 'token_chance' (the final eval's top-1 expert vs input
     token id NMI and its chance level, eval/token_specialisation),
-    'expert_load' {layer: [E]}}; missing values are NaN, and so are the
+    'expert_load' {layer: [E]}, 'active_experts' (real experts per token
+    before capacity at the final eval, mean over MoE layers: the routers
+    that vary it report it, else a plain top-K router's K from
+    config.json), 'mod_fraction' / 'mod_accuracy' (Mixture-of-Depths: the
+    share of tokens its blocks processed, its predictor's accuracy)};
+    missing values are NaN, and so are the
     routing metrics of a model without MoE layers (analysis.json
     'moe_layers' = 0).
   """
@@ -117,7 +133,11 @@ def read_run(workdir: str, steps: int) -> dict[str, Any]:
          'eval_drop_fraction': final.get('eval/drop_fraction', nan),
          'eval_max_violation': final.get('eval/max_violation', nan),
          'token_nmi': final.get('eval/token_specialisation', nan),
-         'token_chance': final.get('eval/token_specialisation_chance', nan)}
+         'token_chance': final.get('eval/token_specialisation_chance', nan),
+         'active_experts': final.get('eval/active_experts',
+                                     _static_top_k(workdir)),
+         'mod_fraction': final.get('eval/mod_fraction', nan),
+         'mod_accuracy': final.get('eval/mod_accuracy', nan)}
   out.update(_train_metrics(records, steps))
   analysis = read_json(os.path.join(workdir, ANALYSIS_FILE)) or {}
   layers = analysis.get('layers', {})

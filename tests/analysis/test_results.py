@@ -103,3 +103,51 @@ def test_run_record_reads_the_token_nmi_of_the_final_eval(tmp_path):
                            ['model.moe.num_experts'])
   assert '| token NMI (chance) |' in line[0]
   assert '| 0.300 (0.020) |' in line[2]
+
+
+def _write_run(path, final_eval, moe):
+  import json  # pylint: disable=import-outside-toplevel
+  path.mkdir()
+  with open(path / results.METRICS_FILE, 'w') as f:
+    f.write(json.dumps({'step': 10, 'eval/loss': 2.0, **final_eval}) + '\n')
+  with open(path / 'config.json', 'w') as f:
+    json.dump({'model': {'moe': moe}}, f)
+  return results.read_run(str(path), 10)
+
+
+def test_experts_per_token_reported_or_read_from_the_config(tmp_path):
+  topk = {'num_experts': 8, 'router': 'topk', 'top_k': 2,
+          'num_null_experts': 0}
+  # A plain top-2 router reports nothing: K = 2 from its config.json.
+  assert _write_run(tmp_path / 'a', {}, topk)['active_experts'] == 2.0
+  # With null experts K is not what a token gets: only a reported value.
+  null = dict(topk, num_null_experts=8)
+  assert math.isnan(_write_run(tmp_path / 'b', {}, null)['active_experts'])
+  record = _write_run(tmp_path / 'c', {'eval/active_experts': 1.25,
+                                       'eval/mod_fraction': 0.125,
+                                       'eval/mod_accuracy': 0.97}, null)
+  assert (record['active_experts'], record['mod_fraction'],
+          record['mod_accuracy']) == (1.25, 0.125, 0.97)
+  dense = {'num_experts': 0, 'router': 'topk', 'top_k': 1}
+  assert math.isnan(_write_run(tmp_path / 'd', {}, dense)['active_experts'])
+
+
+def test_optional_columns_only_when_rows_differ_or_use_mod():
+  def row(label, **metrics):
+    return dict(_run(label, 'x1', 0, 2.0), group=label, overrides={},
+                seeds=1, seeds_ok=1, status='ok', params_total=1.0,
+                params_active=1.0, **metrics)
+  same = [row('a', active_experts=1.0), row('b', active_experts=1.0)]
+  assert 'experts/token' not in report.main_table(same, [])[0]
+  assert 'MoD tokens' not in report.main_table(same, [])[0]
+  mixed = [row('top-1', active_experts=1.0),
+           row('ReMoE', active_experts=1.04),
+           row('MoDE', active_experts=1.0, mod_fraction=0.125,
+               mod_accuracy=0.96)]
+  lines = report.main_table(mixed, [])
+  head = [c.strip() for c in lines[0].split('|')]
+  experts, mod = head.index('experts/token'), head.index('MoD tokens (acc.)')
+  cells = [[c.strip() for c in line.split('|')] for line in lines[2:]]
+  assert [c[0 + 1] for c in cells] == ['top-1', 'ReMoE', 'MoDE']
+  assert [c[experts] for c in cells] == ['1.00', '1.04', '1.00']
+  assert [c[mod] for c in cells] == ['—', '—', '0.125 (0.960)']

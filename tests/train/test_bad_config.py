@@ -149,6 +149,26 @@ BAD = [
     ('dense+moe', 'dense', 'model.moe.priority', 'score',
      ["model.moe.priority='score' is an MoE-only setting",
       "the default 'choice'"]),
+    # ReMoE, null experts, Mixture-of-Depths (their options and owners)
+    ('unknown', 'switch', 'model.moe.router', 'relux',
+     ["model.moe.router='relux'", "'topk'", "'relu'"]),
+    ('contradiction', 'switch', 'model.moe.relu_l1_alpha', '0.9',
+     ['model.moe.relu_l1_alpha=0.9', "router='relu' only", 'leave it at 1.2']),
+    ('contradiction', 'remoe', 'model.moe.num_null_experts', '2',
+     ['model.moe.num_null_experts=2', "router='topk' only", 'leave it at 0']),
+    ('range', 'switch', 'model.moe.num_null_experts', '-2',
+     ['model.moe.num_null_experts', 'an int >= 0', 'got -2']),
+    ('range', 'mod', 'model.mod.every', '-1',
+     ['model.mod.every=-1', '0 (off) or an int >= 1']),
+    ('range', 'mod', 'model.mod.capacity', '1.5',
+     ['model.mod.capacity=1.5', 'a number in (0, 1]']),
+    ('unknown', 'mod', 'model.mod.predictor', 'lstm',
+     ["model.mod.predictor='lstm'", "'mlp', 'router'"]),
+    ('contradiction', 'switch', 'model.mod.capacity', '0.5',
+     ['model.mod.capacity=0.5 applies only to Mixture-of-Depths blocks',
+      'the default 0.125, or model.mod.every >= 1']),
+    ('contradiction', 'expert_choice', 'model.mod.every', '2',
+     ['model.mod.every=2', "model.task='lm' only"]),
 ]
 # The device mesh and jax.distributed (these tests run with 1 device, so a
 # mesh of 2 is larger than the devices available).
