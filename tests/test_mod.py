@@ -269,6 +269,11 @@ def test_specialisation_counts_skip_the_mod_blocks_moe():
           random_variables(model), inputs=tokens)['token']
   assert sorted(counts) == ['block_0']
   assert float(counts['block_0'][0].sum()) == 2 * 8  # every token once
+  # The sweep's routing statistics (routing_outputs) skip it the same way.
+  experts, valid, _ = capture_lib.routing_outputs(
+      model, random_variables(model), [{'tokens': np.zeros((2, 9), int)}])
+  assert sorted(experts) == ['block_0'] and experts['block_0'].shape == (2, 8)
+  assert valid.shape == (2, 8)
 
 
 def test_off_by_default_blocks_and_aux_unchanged():

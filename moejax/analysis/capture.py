@@ -107,6 +107,8 @@ def _routing_pass(model: nn.Module, variables: Any, inputs: jax.Array,
           f'the router at {"/".join(keys[:-1])} returned a '
           f'{type(decision).__name__} without expert_index [G, S, K]; the '
           'specialisation score needs token-choice routing.')
+    if decision.expert_index[..., 0].size < b * l:
+      continue  # a Mixture-of-Depths block's MoE: its selected tokens only
     top1[layer] = _top1(decision, model, b, l)
   return top1, dict(aux.get('layers', {}))
 
