@@ -90,10 +90,10 @@ def test_einsum_equals_gather(e, k, cf, priority):
     y, aux = layers[name].apply(variables, x, padding, deterministic=False)
     return jnp.sum(y * jnp.cos(y)) + aux['aux_loss'], y
 
-  def run(name):
+  def run(name):  # jitted: one compile instead of op-by-op dispatch
     grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-    return jax.vmap(grad_fn, in_axes=(None, None, 0, None))(
-        variables, x, _PADDINGS, name)
+    return jax.jit(jax.vmap(grad_fn, in_axes=(None, None, 0, None)),
+                   static_argnums=3)(variables, x, _PADDINGS, name)
 
   (_, y_e), grads_e = run('einsum')
   (_, y_g), grads_g = run('gather')

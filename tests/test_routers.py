@@ -281,7 +281,8 @@ def _loss_and_grads(layer, variables, x, pad=None):
   def loss(params, x):
     y, _ = layer.apply({'params': params}, x, pad, deterministic=True)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
-  return jax.value_and_grad(loss, argnums=(0, 1))(variables['params'], x)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(  # one compile
+      variables['params'], x)
 
 
 @pytest.mark.parametrize('cf', [None, 0.5])

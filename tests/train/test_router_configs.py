@@ -60,3 +60,40 @@ def test_loss_free_bias_survives_restore(data_dir, tmp_path):
   got, want = helpers.final_state(argv), helpers.final_state(ref)
   helpers.assert_bitwise_equal(got[0].model_state, want[0].model_state)
   helpers.assert_bitwise_equal(got[0].params, want[0].params)
+
+
+PLUGIN_CONFIG = '''
+from configs import switch
+from moejax import routers
+from tests import test_router_registry
+
+# A config is Python: importing (here: registering) a router makes its
+# name a valid model.moe.router for this run.
+if 'hash' not in routers.names():
+  routers.register(test_router_registry.HASH)
+
+
+def get_config(arg=None):
+  config = switch.get_config(arg)
+  config.model.moe.router = 'hash'
+  return config
+'''
+
+
+def test_a_router_registered_by_the_config_file_trains(data_dir, tmp_path):
+  from moejax import routers  # pylint: disable=import-outside-toplevel
+  config = tmp_path / 'hash_router.py'
+  config.write_text(PLUGIN_CONFIG)
+  argv = _args('switch', tmp_path / 'run', data_dir)
+  argv[0] = f'--config={config}:tiny'
+  try:
+    assert train.main(argv) == 0
+    state, records = helpers.final_state(argv)
+  finally:
+    if 'hash' in routers.names():
+      routers.unregister('hash')
+  last = [r for r in records if 'eval/loss' in r][-1]
+  assert last['step'] == STEPS and np.isfinite(last['eval/loss'])
+  # The hash router's own params: router/kernel [D, E] (no null experts).
+  kernel = state.params['block_0']['ffn']['router']['kernel']
+  assert kernel.shape == (32, 4)
