@@ -277,10 +277,13 @@ MUTATIONS = (
       ('tests/analysis/test_capture.py',
        'tests/analysis/test_routing_capture.py')),
     # blocked dropless dispatcher (issue 18)
-    M('blocked-dropped-choice-kept', 'moejax/blocked.py',
-      'key = jnp.where(decision.kept, decision.expert_index, e).reshape(n)',
-      'key = jnp.where(decision.request, decision.expert_index, e)'
-      '.reshape(n)', ('tests/test_blocked_dispatch.py',)),
+    # (Sorting dropped choices into the blocks too is no bug: their combine
+    # weight is 0, so only work is wasted; a mutation of that survives.)
+    M('blocked-block-expert-off-by-one', 'moejax/blocked.py',
+      "block_expert = jnp.searchsorted(block_end, jnp.arange(bk), "
+      "side='right')",
+      "block_expert = jnp.searchsorted(block_end, jnp.arange(bk), "
+      "side='left')", ('tests/test_blocked_dispatch.py',)),
     M('blocked-weight-grad-not-accumulated', 'moejax/blocked.py',
       'acc, jax.lax.dynamic_index_in_dim(acc, e, 0, False) + g, e, 0),',
       'acc, g, e, 0),', ('tests/test_blocked_dispatch.py',)),
