@@ -50,6 +50,49 @@ class Settings:
   skip_layer: bool = False
   skip_model: bool = False
   dry_run: bool = False
+  shared_experts: int = 0  # n shared FFNs of width F on every token
+  preset: str = ''  # a PRESETS name: its D, F, E, K, shared experts
+  preset_scale: int = 0  # D and F divided by it; 0: 8 on CPU, 1 elsewhere
+
+
+# Realistic MoE layer shapes (issue 18): D, F (one expert), E, K and the
+# shared experts (each of width F) of published models' layers.
+PRESETS = {
+    'mixtral': dict(d_model=4096, d_ff=14336, num_experts=(8,), top_k=(2,),
+                    shared_experts=0),  # Mixtral 8x7B
+    'deepseek': dict(d_model=2048, d_ff=1408, num_experts=(64,),
+                     top_k=(6,), shared_experts=2),  # DeepSeek-V2-Lite
+    'switch': dict(d_model=768, d_ff=3072, num_experts=(128,), top_k=(1,),
+                   shared_experts=0),  # Switch-Base 128
+}
+# Dense (no sparsity) bfloat16 peak FLOP/s of vendor data sheets, by a
+# substring of jax's device_kind; the first match wins.
+VENDOR_BF16_PEAK = (('H100', 989e12), ('H200', 989e12), ('A100', 312e12),
+                    ('TPU v5p', 459e12), ('TPU v5 lite', 197e12),
+                    ('TPU v5e', 197e12), ('TPU v4', 275e12),
+                    ('TPU v6', 918e12))
+
+
+def preset_fields(name: str, scale: int) -> dict:
+  """PRESETS[name] with D and F divided by `scale` (each at least 8)."""
+  fields = dict(PRESETS[name])
+  for key in ('d_model', 'd_ff'):
+    fields[key] = max(8, fields[key] // scale)
+  return fields
+
+
+def default_preset_scale() -> int:
+  """8 on CPU (Mixtral's layer would take minutes per step), else 1."""
+  return 8 if jax.default_backend() == 'cpu' else 1
+
+
+def vendor_peak(device_kind: str, dtype: str) -> Optional[float]:
+  """The vendor's dense bfloat16 FLOP/s of this device, or None (unknown
+  device, or a dtype other than bfloat16)."""
+  if dtype != 'bfloat16':
+    return None
+  return next((peak for key, peak in VENDOR_BF16_PEAK if key in device_kind),
+              None)
 
 
 QUICK = dict(num_experts=(4, 8), top_k=(1, 2), tokens=512, d_model=64,

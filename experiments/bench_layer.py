@@ -4,8 +4,9 @@ dense FFN of the same activated FLOPs per token.
 Axis letters: T tokens, D model width, F expert hidden width, E experts,
 K experts per token, G groups, S tokens per group, C capacity.
 
-  dense    jitted forward+backward of DenseFfn of width K*F on x [1, T, D]
-           (value_and_grad of sum(y) w.r.t. the params and x).
+  dense    jitted forward+backward of DenseFfn of width (K + n)*F on x
+           [1, T, D] (value_and_grad of sum(y) w.r.t. the params and x;
+           n = --shared_experts, 0 by default).
   layer    the same for MoeLayer (sum(y) + aux_loss, deterministic=False)
            for every dispatcher x E x K; 'ragged' and 'blocked' run
            dropless (capacity_factor=None), and so does a buffer
@@ -19,8 +20,10 @@ ratio_to_dense and speedup_vs_einsum compare timings taken side by side
 (the dense rows alone are timed on their own; `dense_seconds` is the
 paired dense time).
 
-Useful FLOPs of a layer row: 3 (fwd+bwd) * 2 (matmuls) * 2 * T*D*F*K plus
-the router's 3 * 2 * T*D*E. Capacity padding (cf > 1 makes the experts
+Useful FLOPs of a layer row: 3 (fwd+bwd) * 2 (matmuls) * 2 * T*D*F*(K+n)
+plus the router's 3 * 2 * T*D*E. Rows report them as a share of the
+measured matmul peak and, for bfloat16 on a device whose data-sheet peak
+is known (bench_common.VENDOR_BF16_PEAK), of that peak (MFU). Capacity padding (cf > 1 makes the experts
 compute cf times that), dispatch and combine are overhead, not useful work.
 
 Memory: every row's estimate (bench_memory.layer_bytes, dense_bytes) is
@@ -37,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_memory
-from experiments.bench_common import DTYPES, Settings, time_interleaved
+from experiments.bench_common import (DTYPES, Settings, time_interleaved,
+                                      vendor_peak)
 import moejax
 from moejax import capacity as capacity_lib
 from moejax import routing
@@ -84,8 +88,28 @@ def init_params(module, x: jax.Array):
 
 
 def _layer_flops(s: Settings, k: int, e: int = 0) -> int:
-  """Useful training FLOPs: 12*T*D*F*K for the experts, 6*T*D*E router."""
-  return 12 * s.tokens * s.d_model * s.d_ff * k + 6 * s.tokens * s.d_model * e
+  """Useful training FLOPs: 12*T*D*F*(K+n) for the routed and shared
+  experts, 6*T*D*E for the router."""
+  return (12 * s.tokens * s.d_model * s.d_ff * (k + s.shared_experts) +
+          6 * s.tokens * s.d_model * e)
+
+
+def _dense_width(s: Settings, k: int) -> int:
+  """(K + n) * F: the dense FFN of a top-K row's active FLOPs."""
+  return (k + s.shared_experts) * s.d_ff
+
+
+def _vendor(s: Settings) -> Optional[float]:
+  return vendor_peak(jax.devices()[0].device_kind, s.dtype)
+
+
+def _peaks(row: dict, seconds: float, peak: Optional[float],
+           s: Settings) -> dict:
+  """% of the measured matmul peak and of the vendor peak (MFU), or None."""
+  vendor = _vendor(s)
+  rate = row['flops'] / seconds
+  return {'pct_of_matmul_peak': 100 * rate / peak if peak else None,
+          'pct_of_vendor_peak': 100 * rate / vendor if vendor else None}
 
 
 def group_size(s: Settings) -> int:
@@ -112,9 +136,10 @@ def _with_estimate(row: dict, estimate: dict, s: Settings,
 
 
 def dense_entry(s: Settings, k: int, x: jax.Array) -> tuple:
-  """(fwd+bwd fn, args) of the dense FFN of width K*F on x [1, T, D]: the
-  same activated FLOPs per token as a top-K MoeLayer."""
-  module = moejax.DenseFfn(d_ff=k * s.d_ff, activation='relu',
+  """(fwd+bwd fn, args) of the dense FFN of width (K + n)*F on x [1, T, D]:
+  the same activated FLOPs per token as a top-K MoeLayer with n shared
+  experts."""
+  module = moejax.DenseFfn(d_ff=_dense_width(s, k), activation='relu',
                            dtype=DTYPES[s.dtype])
   return _layer_grad(module), (init_params(module, x), x)
 
@@ -123,10 +148,11 @@ def _dense_row(s: Settings, k: int, budget: Optional[int]) -> dict:
   """The dense row of K, not yet timed: static fields, estimate, status."""
   row = {'kind': 'dense', 'dispatcher': 'dense', 'num_experts': None,
          'top_k': k, 'tokens': s.tokens, 'd_model': s.d_model,
-         'd_ff': k * s.d_ff, 'dtype': s.dtype, 'flops': _layer_flops(s, k),
-         'seconds': None, 'ratio_to_dense': 1.0, 'speedup_vs_einsum': None,
-         'pct_of_matmul_peak': None, 'status': 'ok'}
-  estimate = bench_memory.dense_bytes(s.tokens, s.d_model, k * s.d_ff,
+         'd_ff': _dense_width(s, k), 'dtype': s.dtype,
+         'flops': _layer_flops(s, k), 'seconds': None, 'ratio_to_dense': 1.0,
+         'speedup_vs_einsum': None, 'pct_of_matmul_peak': None,
+         'pct_of_vendor_peak': None, 'status': 'ok'}
+  estimate = bench_memory.dense_bytes(s.tokens, s.d_model, _dense_width(s, k),
                                       _itemsize(s), jax.default_backend())
   return _with_estimate(row, estimate, s, budget)
 
@@ -135,8 +161,8 @@ def _time_dense(s: Settings, row: dict, entry: tuple, peak: Optional[float],
                 budget: Optional[int]) -> dict:
   """The dense FFN timed on its own (the layer rows pair it again)."""
   row.update(time_interleaved({'dense': entry}, s.repeats, budget)['dense'])
-  if row['seconds'] and peak:
-    row['pct_of_matmul_peak'] = 100 * row['flops'] / row['seconds'] / peak
+  if row['seconds']:
+    row.update(_peaks(row, row['seconds'], peak, s))
   return row
 
 
@@ -157,10 +183,12 @@ def _layer_row(s: Settings, dispatcher: str, e: int, k: int,
   row = {'kind': 'layer', 'dispatcher': dispatcher, 'num_experts': e,
          'top_k': k, 'tokens': s.tokens, 'group_size': group,
          'capacity_factor': s.capacity_factor, 'capacity': capacity,
-         'd_model': s.d_model, 'd_ff': s.d_ff, 'dtype': s.dtype,
+         'd_model': s.d_model, 'd_ff': s.d_ff,
+         'shared_experts': s.shared_experts, 'dtype': s.dtype,
          'flops': _layer_flops(s, k, e), 'seconds': None,
          'dense_seconds': None, 'ratio_to_dense': None,
          'speedup_vs_einsum': None, 'pct_of_matmul_peak': None,
+         'pct_of_vendor_peak': None,
          'temp_mib': None, 'compiled_mib': None, 'device_peak_mib': None,
          'status': 'ok'}
   if dropless:
@@ -173,6 +201,12 @@ def _layer_row(s: Settings, dispatcher: str, e: int, k: int,
                                   s.d_model, s.d_ff)
   estimate = bench_memory.layer_bytes(base, shape, _itemsize(s),
                                       jax.default_backend())
+  if s.shared_experts:  # the shared FFN: a dense FFN of width n*F
+    shared = bench_memory.dense_bytes(
+        s.tokens, s.d_model, s.shared_experts * s.d_ff, _itemsize(s),
+        jax.default_backend())
+    estimate = dict(estimate, shared=shared['total'],
+                    total=estimate['total'] + shared['total'])
   return _with_estimate(row, estimate, s, budget)
 
 
@@ -183,6 +217,7 @@ def _moe(s: Settings, dispatcher: str, e: int, k: int) -> moejax.MoeLayer:
   return moejax.MoeLayer(num_experts=e, d_ff=s.d_ff, top_k=k,
                          capacity_factor=cf,
                          dispatcher=base, group_size=group_size(s),
+                         num_shared_experts=s.shared_experts,
                          activation='relu', dtype=DTYPES[s.dtype])
 
 
@@ -283,8 +318,7 @@ def layer_group(s: Settings, e: int, k: int, x: jax.Array, params,
       row.update(results[row['dispatcher']])
     if seconds:
       row.update(speedup_vs_einsum=einsum / seconds if einsum else None,
-                 pct_of_matmul_peak=(100 * row['flops'] / seconds / peak
-                                     if peak else None))
+                 **_peaks(row, seconds, peak, s))
     if seconds and dense_seconds:
       row.update(dense_seconds=dense_seconds,
                  ratio_to_dense=seconds / dense_seconds)
@@ -319,7 +353,8 @@ def layer_rows(s: Settings, peak: Optional[float], budget: Optional[int],
   for e in s.num_experts:
     params = init_params(moejax.MoeLayer(
         num_experts=e, d_ff=s.d_ff, group_size=group_size(s),
-        activation='relu'), x) if runs[e] else None
+        num_shared_experts=s.shared_experts, activation='relu'),
+                         x) if runs[e] else None
     for k in s.top_k:
       for row in layer_group(s, e, k, x, params, entries.get(k), peak,
                              budget):

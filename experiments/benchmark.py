@@ -41,9 +41,10 @@ import jax
 
 from experiments import bench_memory
 from experiments import cli
-from experiments.bench_common import (DTYPES, MODEL_KINDS, QUICK, Settings,
-                                      clear_compiled, machine_info,
-                                      matmul_row)
+from experiments.bench_common import (DTYPES, MODEL_KINDS, PRESETS, QUICK,
+                                      Settings, clear_compiled,
+                                      default_preset_scale, machine_info,
+                                      matmul_row, preset_fields)
 from experiments.bench_layer import (component_fns, dense_entry, group_size,
                                      init_params, layer_group, layer_rows,
                                      row_names)
@@ -73,6 +74,7 @@ _TABLES = {  # kind -> (title, [(header, key, format)])
         ('ratio_to_dense', 'ratio_to_dense', '.3f'),
         ('speedup_vs_einsum', 'speedup_vs_einsum', '.2f'),
         ('% matmul peak', 'pct_of_matmul_peak', '.1f'),
+        ('MFU % (vendor peak)', 'pct_of_vendor_peak', '.1f'),
         ('est. MiB', 'estimate_mib', '.0f'),
         ('XLA MiB', 'compiled_mib', '.0f'), ('temp MiB', 'temp_mib', '.1f'),
         ('device peak MiB so far', 'device_peak_mib', '.0f'),
@@ -151,6 +153,13 @@ def check_settings(s: Settings) -> None:
       if value not in allowed:
         raise ValueError(f'--{name} {value!r} is not allowed; allowed '
                          f'values: {", ".join(allowed)}')
+  if s.preset and s.preset not in PRESETS:
+    raise ValueError(f'--preset {s.preset!r} is not allowed; allowed '
+                     f'values: {", ".join(PRESETS)}')
+  for name in ('shared_experts', 'preset_scale'):
+    if getattr(s, name) < 0:
+      raise ValueError(f'--{name} {getattr(s, name)} is not allowed; '
+                       'allowed values: an int >= 0')
   for name in ('tokens', 'd_model', 'd_ff', 'group_size', 'repeats',
                'model_steps'):
     if getattr(s, name) < 1:
@@ -253,6 +262,16 @@ def _settings_flags() -> tuple:
       ('model_kinds', cli.comma_list(cli.choice(kinds), ', '.join(kinds)),
        'KIND[,KIND...]', 'models to train'),
       ('model_steps', positive, 'N', 'train steps per timed call'),
+      ('shared_experts', cli.number(int, 'an int >= 0', lambda v: v >= 0),
+       'N', 'shared experts (each of width F) in every layer row; the '
+       'dense FFN is then (K + N) * F wide'),
+      ('preset', cli.choice(tuple(PRESETS)), '{' + ','.join(PRESETS) + '}',
+       "a published model's layer shape: sets --d_model, --d_ff, "
+       '--num_experts, --top_k and --shared_experts (the flags given '
+       'still win): mixtral D=4096 F=14336 E=8 K=2; deepseek D=2048 '
+       'F=1408 E=64 K=6 + 2 shared; switch D=768 F=3072 E=128 K=1'),
+      ('preset_scale', cli.number(int, 'an int >= 0', lambda v: v >= 0),
+       'N', "divide the preset's D and F by N; 0: 8 on CPU, 1 on GPU/TPU"),
       ('memory_budget_gb', cli.number(float, 'a number >= 0',
                                       lambda v: v >= 0), 'GB',
        'skip rows estimated to need more (GiB); 0: half the free host RAM '
@@ -298,6 +317,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple:
   parser = build_parser()
   args = parser.parse_args(argv)
   settings = Settings(**(QUICK if args.quick else {}))
+  if args.preset:  # under the flags given, over --quick
+    scale = args.preset_scale or default_preset_scale()
+    for key, value in preset_fields(args.preset, scale).items():
+      setattr(settings, key, value)
   for field in dataclasses.fields(Settings):
     if getattr(args, field.name) is not None:  # given on the command line
       setattr(settings, field.name, getattr(args, field.name))

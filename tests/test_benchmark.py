@@ -167,6 +167,44 @@ def test_profile_rows_in_process():
              for line in text.splitlines()) == len(rows)
 
 
+def test_shared_experts_widen_the_dense_pair_and_the_flops():
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import bench_layer  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  s = benchmark.Settings(dispatchers=('gather',), num_experts=(4,),
+                         top_k=(1,), tokens=64, d_model=8, d_ff=16,
+                         group_size=32, repeats=1, shared_experts=2)
+  x = jax.random.normal(jax.random.key(0), (1, 64, 8))
+  layer = bench_layer._moe(s, 'gather', 4, 1)
+  params = benchmark.init_params(layer, x)
+  assert params['shared']['wi'].shape == (8, 2 * 16)  # n * F wide
+  dense = benchmark.dense_entry(s, 1, x)
+  assert dense[1][0]['wi'].shape == (8, (1 + 2) * 16)  # (K + n) * F
+  row = benchmark.layer_group(s, 4, 1, x, params, dense, peak=1e9)[0]
+  # 12 * T * D * F * (K + n) + 6 * T * D * E = 12*64*8*16*3 + 6*64*8*4.
+  assert row['flops'] == 294912 + 12288
+  assert row['status'] == 'ok' and row['ratio_to_dense'] > 0
+  assert row['pct_of_vendor_peak'] is None  # float32 on CPU: no vendor peak
+
+
+def test_presets_set_the_shapes_under_the_flags_given():
+  from experiments import bench_common  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  s, _ = benchmark.parse_args(['--preset', 'deepseek', '--preset_scale',
+                               '16', '--top_k', '4'])
+  # D = 2048 / 16, F = 1408 / 16; K given on the command line wins.
+  assert (s.d_model, s.d_ff, s.num_experts, s.top_k,
+          s.shared_experts) == (128, 88, (64,), (4,), 2)
+  s, _ = benchmark.parse_args(['--preset', 'mixtral'])  # CPU: scale 8
+  assert (s.d_model, s.d_ff, s.num_experts, s.top_k) == (512, 1792, (8,),
+                                                          (2,))
+  assert bench_common.vendor_peak('NVIDIA H100 80GB HBM3',
+                                  'bfloat16') == 989e12
+  assert bench_common.vendor_peak('TPU v5p', 'bfloat16') == 459e12
+  assert bench_common.vendor_peak('NVIDIA H100 80GB HBM3', 'float32') is None
+  assert bench_common.vendor_peak('cpu', 'bfloat16') is None
+
+
 def test_no_flags_are_the_settings_defaults():
   from experiments import benchmark  # pylint: disable=g-import-not-at-top
   assert benchmark.parse_args([]) == (benchmark.Settings(), None)
@@ -214,6 +252,8 @@ def test_quick_sets_only_the_flags_not_given(tmp_path):
     (['--capacity_factor', '-1'], '--capacity_factor', 'a number > 0'),
     (['--repeats', '0'], '--repeats', 'an int >= 1'),
     (['--memory_budget_gb', '-1'], '--memory_budget_gb', 'a number >= 0'),
+    (['--preset', 'mixtrall'], '--preset', 'mixtral, deepseek, switch'),
+    (['--shared_experts', '-1'], '--shared_experts', 'an int >= 0'),
     (['--json', '/nonexistent/dir/b.json'], '--json', 'does not exist'),
     (['--quick', 'extra'], 'extra', 'unrecognized arguments'),
 ])
