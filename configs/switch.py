@@ -74,9 +74,10 @@ def get_sweeps(arg=None):
                 active FLOPs: softmax (GShard-like, aux 0.01), sigmoid +
                 loss-free balancing bias (DeepSeek-V3, aux 0), and the same
                 with group-limited selection and fine-grained + shared
-                experts (2 routed of width F/2 plus a shared 2 x F/2). Expert choice and
-                Soft MoE are non-causal: see configs/expert_choice.py and
-                configs/soft_moe.py (encoder classifiers).
+                experts (2 routed of width F/2 plus a shared 2 x F/2).
+                Expert choice and Soft MoE are non-causal: see
+                configs/expert_choice.py and configs/soft_moe.py (encoder
+                classifiers).
 
   Args:
     arg: the size variant, as for get_config ('tiny' | 'small').

@@ -23,8 +23,9 @@ paired dense time).
 Useful FLOPs of a layer row: 3 (fwd+bwd) * 2 (matmuls) * 2 * T*D*F*(K+n)
 plus the router's 3 * 2 * T*D*E. Rows report them as a share of the
 measured matmul peak and, for bfloat16 on a device whose data-sheet peak
-is known (bench_common.VENDOR_BF16_PEAK), of that peak (MFU). Capacity padding (cf > 1 makes the experts
-compute cf times that), dispatch and combine are overhead, not useful work.
+is known (bench_common.VENDOR_BF16_PEAK), of that peak (MFU). Capacity
+padding (cf > 1 makes the experts compute cf times that), dispatch and
+combine are overhead, not useful work.
 
 Memory: every row's estimate (bench_memory.layer_bytes, dense_bytes) is
 held against the budget before anything of it is built. A skipped row

@@ -242,7 +242,8 @@ def test_citation_version_matches_setup():
 def test_header_names_the_stdlib_corpus(tmp_path, monkeypatch):
   """A sweep on python_stdlib records the corpus's provenance line, once
   per (data_dir, example_len); other data adds none."""
-  from experiments.sweep import cli as sweep_cli  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from experiments.sweep import cli as sweep_cli
   seen = []
 
   def fake_info(data_dir, example_len):

@@ -107,10 +107,11 @@ def main_table(rows: Sequence[Mapping[str, Any]],
   """Markdown lines of the main table: one row per point (group)."""
   names = [results_lib.short_key(k, keys) for k in keys]
   optional = _optional_columns(rows)
-  head = (names or ['point']) + ['eval loss', 'excess', 'Δ dense', 'drop eval',
-                  'drop train', 'max-viol.', 'spec. NMI (chance)',
-                  'token NMI (chance)', *[h for h, _ in optional],
-                  'params total / active', 'tok/s', 'wall s', 'seeds']
+  head = (names or ['point']) + [
+      'eval loss', 'excess', 'Δ dense', 'drop eval', 'drop train',
+      'max-viol.', 'spec. NMI (chance)', 'token NMI (chance)',
+      *[h for h, _ in optional], 'params total / active', 'tok/s', 'wall s',
+      'seeds']
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '---|' * len(head)]
   for r in rows:
