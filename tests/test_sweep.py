@@ -272,8 +272,8 @@ def test_header_names_the_stdlib_corpus(tmp_path, monkeypatch):
   assert sweep_cli._data_line(runs[2:]) == []
 
 
-def test_labelled_points_name_their_runs_and_rows(sweep_setup, capsys):
-  config, data_dir, out = sweep_setup
+def test_labelled_points_name_their_runs_and_rows(sweep_setup):
+  config, _, out = sweep_setup
   labelled = [{points_lib.LABEL_KEY: 'low lr', 'train.learning_rate': 0.01},
               {points_lib.LABEL_KEY: 'top-2', 'model.moe.top_k': 2}]
   assert points_lib.swept_keys(labelled) == ['train.learning_rate',
@@ -289,7 +289,6 @@ def test_labelled_points_name_their_runs_and_rows(sweep_setup, capsys):
                       ([{points_lib.LABEL_KEY: ''}], 'non-empty string')):
     with pytest.raises(ValueError, match=needle):
       points_lib.make_runs(args, bad, {})
-  del data_dir, capsys
 
 
 def sweep_cli_args(config, out):

@@ -67,6 +67,14 @@ def on_tokens(a: jax.Array, model: nn.Module, b: int, l: int) -> jax.Array:
                               moe.get('group_order', 'sequence'))
 
 
+def _routes_a_subset(decision: Any, b: int, l: int) -> bool:
+  """Whether a token-choice decision covers fewer than the B * L tokens: a
+  Mixture-of-Depths block's MoE routes only the tokens the block selected,
+  so it has no choice to map back onto every token (left out of the
+  per-token statistics)."""
+  return decision.expert_index[..., 0].size < b * l
+
+
 def _top1(decision: Any, model: nn.Module, b: int, l: int) -> jax.Array:
   """A token-choice decision's first choice per token: [B, L] int32."""
   return on_tokens(decision.expert_index[..., 0], model, b, l).astype(
@@ -107,8 +115,8 @@ def _routing_pass(model: nn.Module, variables: Any, inputs: jax.Array,
           f'the router at {"/".join(keys[:-1])} returned a '
           f'{type(decision).__name__} without expert_index [G, S, K]; the '
           'specialisation score needs token-choice routing.')
-    if decision.expert_index[..., 0].size < b * l:
-      continue  # a Mixture-of-Depths block's MoE: its selected tokens only
+    if _routes_a_subset(decision, b, l):
+      continue
     top1[layer] = _top1(decision, model, b, l)
   return top1, dict(aux.get('layers', {}))
 
@@ -176,8 +184,8 @@ def expert_label_counts(model: nn.Module, variables: Any,
     if not hasattr(decision, 'expert_index') or (
         rest and EXPERT_CHOICE_KEY in rest[-1]):
       continue  # soft / expert-choice routing: no per-token first choice
-    if decision.expert_index[..., 0].size < b * l:
-      continue  # a Mixture-of-Depths block's MoE: its selected tokens only
+    if _routes_a_subset(decision, b, l):
+      continue
     top1 = _top1(decision, model, b, l)  # [B, L]
     for name, (label, n) in labels.items():
       rows = jnp.stack([label, jnp.roll(label, 1, axis=0)])  # [2, B, L]
