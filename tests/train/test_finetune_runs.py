@@ -174,13 +174,16 @@ def test_bad_init_and_finetune_keys_exit_2(config, extra, needle, upcycled,
 
 def test_freeze_bias_keeps_the_loss_free_bias(data_dir, tmp_path):
   # configs/deepseek.py moves its loss-free balancing bias every step
-  # (bias_update_rate > 0, zeros at init: tests/train/test_router_configs.py
-  # ::test_loss_free_bias_survives_restore checks that it moves);
-  # finetune.freeze_bias keeps it where it starts.
-  workdir = str(tmp_path / 'frozen')
-  assert _run('deepseek', workdir, data_dir,
-              '--config.finetune.freeze_bias=True') == 0
-  _, variables = init_source.restore_init_variables(
-      workdir, init_source.saved_abstract(workdir))
-  biases = [np.asarray(x) for x in jax.tree.leaves(variables['model_state'])]
-  assert biases and all(not b.any() for b in biases)
+  # (bias_update_rate > 0, zeros at init); finetune.freeze_bias keeps it
+  # where it starts, while the params still train.
+  biases = {}
+  for frozen in (False, True):
+    workdir = str(tmp_path / f'frozen_{frozen}')
+    assert _run('deepseek', workdir, data_dir,
+                f'--config.finetune.freeze_bias={frozen}') == 0
+    _, variables = init_source.restore_init_variables(
+        workdir, init_source.saved_abstract(workdir))
+    biases[frozen] = [np.asarray(x) for x in
+                      jax.tree.leaves(variables['model_state'])]
+  assert biases[True] and all(not b.any() for b in biases[True])
+  assert any(b.any() for b in biases[False])
