@@ -81,7 +81,13 @@ def get_base_config() -> ml_collections.ConfigDict:
       min_lr_ratio=0.1,  # cosine decays to learning_rate * min_lr_ratio
       weight_decay=0.1, grad_clip=1.0, b1=0.9, b2=0.95,
       log_every=25, eval_every=100, checkpoint_every=100,
-      keep_checkpoints=2, eval_batches=4))
+      keep_checkpoints=2, eval_batches=4,
+      # M > 1: each step's batch_size rows in M micro-batches of
+      # batch_size / M, gradients summed (memory of one micro-batch, update
+      # of the whole batch; moejax/train/accumulate.py). Routing groups,
+      # the 'batch' balance loss and the loss-free bias keep the whole
+      # batch's meaning.
+      grad_accum_steps=1))
   c.data = ml_collections.ConfigDict(dict(
       # | 'local_text' | 'python_stdlib' (this Python's standard library,
       # byte tokens, 8 domains: moejax/data/stdlib_text.py) | a prepared

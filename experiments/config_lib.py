@@ -190,8 +190,12 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
   t = config.train
   _require('seed', config.seed, 0 <= config.seed < 2**32, '[0, 2**32)')
   for name in ('steps', 'batch_size', 'log_every', 'eval_every',
-               'checkpoint_every', 'keep_checkpoints', 'eval_batches'):
+               'checkpoint_every', 'keep_checkpoints', 'eval_batches',
+               'grad_accum_steps'):
     _require(f'train.{name}', t[name], t[name] >= 1, 'an int >= 1')
+  _require('train.grad_accum_steps', t.grad_accum_steps,
+           t.batch_size % t.grad_accum_steps == 0,
+           f'a divisor of train.batch_size={t.batch_size}')
   _require('train.learning_rate', t.learning_rate, t.learning_rate > 0,
            'a number > 0')
   for name in ('warmup_steps', 'weight_decay', 'grad_clip'):
@@ -361,8 +365,18 @@ def check_mesh_fit(config: ml_collections.ConfigDict,
                        f'{moe.num_experts} x {moe.granularity} = {experts} '
                        'fine-grained experts)') from e
   sharding.check_batch_size(mesh, t.batch_size)
+  micro = t.get('grad_accum_steps', 1)
+  rows = t.batch_size // micro  # one micro-batch is what is split
+  shards = mesh['data'] * mesh['expert']
+  if rows % shards:
+    raise ValueError(
+        f'train.grad_accum_steps={micro} makes micro-batches of '
+        f'train.batch_size={t.batch_size} / {micro} = {rows} rows, which the '
+        f'batch shards mesh.data * mesh.expert = {shards} do not divide; '
+        f'allowed values: a train.grad_accum_steps dividing '
+        f'{t.batch_size // shards}.')
   if expert_bank:
-    groups = -(-t.batch_size * d.seq_len // (moe.group_size or d.seq_len))
+    groups = -(-rows * d.seq_len // (moe.group_size or d.seq_len))
     sharding.check_moe_mesh(mesh, experts, groups)
 
 

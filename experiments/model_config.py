@@ -153,12 +153,22 @@ def _check_groups(config: ml_collections.ConfigDict) -> None:
   it, 'position' groups hold whole sequences, and the causal LM refuses a
   layout that lets a token see later positions (moejax.grouping)."""
   moe, t, d = config.model.moe, config.train, config.data
-  tokens = t.batch_size * d.seq_len
+  micro = config_value(config, 'train.grad_accum_steps')
+  rows = t.batch_size // micro
+  tokens = rows * d.seq_len
   if moe.group_size and tokens % moe.group_size:
+    accum = (f' / train.grad_accum_steps={micro} micro-batches'
+             if micro > 1 else '')
     raise ValueError(
         f'model.moe.group_size={moe.group_size} does not divide the {tokens} '
-        f'tokens of a batch (train.batch_size={t.batch_size} x data.seq_len='
-        f'{d.seq_len}); allowed values: None or a divisor of {tokens}.')
+        f'tokens of a {"micro-" if micro > 1 else ""}batch (train.batch_size='
+        f'{t.batch_size}{accum} x data.seq_len={d.seq_len}); allowed values: '
+        f'None or a divisor of {tokens}.')
+  if micro > 1 and moe.router == 'relu':
+    raise ValueError(
+        f"train.grad_accum_steps={micro} is not supported with model.moe."
+        "router='relu' (its L1 controller updates lambda from one call's "
+        'tokens); allowed: train.grad_accum_steps=1 with this router.')
   try:
     leak = grouping.causal_group_leak(moe.group_size, moe.group_order,
                                       d.seq_len)

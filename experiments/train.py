@@ -393,6 +393,7 @@ def run_spec(config, workdir: str, init_from: Optional[str]) -> RunSpec:
       pad_id=config.data.pad_id, log_every=t.log_every,
       eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
       keep_checkpoints=t.keep_checkpoints,
+      grad_accum_steps=t.grad_accum_steps,
       config=config_lib.resolved_config(config), init_from=init_from,
       num_domains=_num_domains(config),
       token_vocab=(model_config.model_vocab_size(config)

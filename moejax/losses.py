@@ -9,7 +9,7 @@ already one; sigmoid scores are divided by their sum over E (DeepSeek-V3).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,9 @@ AUX_LOSS_SCOPES = ('group', 'batch')
 
 
 def load_balance_loss(probs: jax.Array, decision: RoutingDecision,
-                      valid: jax.Array, scope: str = 'group') -> jax.Array:
+                      valid: jax.Array, scope: str = 'group',
+                      step_counts: Optional[tuple[jax.Array, jax.Array]]
+                      = None) -> jax.Array:
   """Switch load-balance loss `E * sum_e f_e * P_e`.
 
   f_e is the fraction of the (non-padding) token-choices that selected e
@@ -60,6 +62,11 @@ def load_balance_loss(probs: jax.Array, decision: RoutingDecision,
     decision: the routing decision (its expert_index is used).
     valid: [G, S] bool.
     scope: 'group' | 'batch'.
+    step_counts: scope 'batch' under gradient accumulation: (counts [E],
+      tokens) of the step's whole batch (every micro-batch); f is taken from
+      them and P from this call's tokens, so the micro-batches' values
+      weighted by their share of the valid tokens sum to the whole batch's
+      loss (its gradient too: f carries none). None: f from this call.
 
   Returns:
     Scalar float32.
@@ -74,7 +81,10 @@ def load_balance_loss(probs: jax.Array, decision: RoutingDecision,
   tokens = valid_f.sum(-1)  # [G]
   if scope == 'batch':
     total = tokens.sum()
-    f = counts.sum(0) / jnp.maximum(total * k, 1)
+    if step_counts is None:
+      f = counts.sum(0) / jnp.maximum(total * k, 1)
+    else:
+      f = step_counts[0] / jnp.maximum(step_counts[1] * k, 1)
     p = mass.sum(0) / jnp.maximum(total, 1)
     return decision.num_experts * jnp.sum(f * p)
   f = counts / jnp.maximum(tokens * k, 1)[:, None]

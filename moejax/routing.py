@@ -45,6 +45,12 @@ SECOND_EXPERT_POLICIES = ('all', 'random')
 # selection scores (DeepSeek-V3) or its best one (DeepSeek-V2's
 # 'group_limited_greedy').
 GROUP_SCORES = ('top2_sum', 'max')
+# Gradient accumulation (moejax.train.step): routers whose loss or state
+# uses the counts of the whole step's batch sow their per-call counts into
+# SOWN_COUNTS in a counting pass over the micro-batches, then read the
+# step's totals from STEP_COUNTS in each micro-batch's forward pass.
+SOWN_COUNTS = 'routing_counts'
+STEP_COUNTS = 'step_routing_counts'
 
 
 @struct.dataclass
@@ -441,8 +447,11 @@ class Router(nn.Module):
     # choice is null with probability N / (E + N).
     scored = (decision.replace(num_experts=probs.shape[-1])
               if self.num_null_experts else decision)
+    step_counts = self._step_counts(scored, valid, deterministic,
+                                    bias is not None)
     aux = {'aux_loss': losses.load_balance_loss(probs, scored, valid,
-                                                self.aux_loss_scope),
+                                                self.aux_loss_scope,
+                                                step_counts),
            'z_loss': losses.z_loss(logits, valid)}
     aux.update(losses.routing_metrics(probs, decision, valid))
     if self.num_null_experts:
@@ -451,7 +460,33 @@ class Router(nn.Module):
     if (bias is not None and self.bias_update_rate > 0 and
         not deterministic and
         self.is_mutable_collection('moe_state')):
-      counts = losses.choice_counts(decision, valid).sum(0)  # [E]
+      counts = (losses.choice_counts(decision, valid).sum(0)  # [E]
+                if step_counts is None else step_counts[0])
       bias.value = loss_free_bias_update(bias.value, counts,
                                          self.bias_update_rate)
     return decision, aux
+
+  def _step_counts(self, scored: RoutingDecision, valid: jax.Array,
+                   deterministic: bool, has_bias: bool):
+    """Counts of a whole step's batch, for gradient accumulation.
+
+    A training call whose counts reach past its own tokens (the 'batch'
+    balance loss, the loss-free bias update) sows its choice counts [E']
+    (E' = E + null experts) and valid-token count into `SOWN_COUNTS` when
+    that collection is mutable (the train step's counting pass over the
+    micro-batches), and returns the step's totals (counts [E'], tokens)
+    when the caller passes them in the `STEP_COUNTS` collection; None
+    otherwise (then the call's own counts are used, as without
+    accumulation).
+    """
+    if deterministic or not (self.aux_loss_scope == 'batch' or (
+        has_bias and self.bias_update_rate > 0)):
+      return None
+    if self.is_mutable_collection(SOWN_COUNTS):
+      self.sow(SOWN_COUNTS, 'counts', losses.choice_counts(scored, valid)
+               .sum(0))
+      self.sow(SOWN_COUNTS, 'tokens', valid.astype(jnp.float32).sum())
+    if not self.has_variable(STEP_COUNTS, 'counts'):
+      return None
+    return (self.get_variable(STEP_COUNTS, 'counts'),
+            self.get_variable(STEP_COUNTS, 'tokens'))

@@ -102,6 +102,42 @@ def test_batch_scope_balance_loss_hand_case():
     losses.load_balance_loss(probs, d, valid, 'micro')
 
 
+def test_batch_scope_with_step_counts_sums_to_the_whole_batch():
+  # Gradient accumulation: a batch of 4 tokens in 2 micro-batches of 2,
+  # E = 2, K = 1. Micro-batch 0 picks experts (0, 0) with probs (0.9, 0.1),
+  # (0.8, 0.2); micro-batch 1 picks (0, 1) with (0.6, 0.4), (0.3, 0.7).
+  #   whole batch: f = (3/4, 1/4), P = (2.6/4, 1.4/4) = (0.65, 0.35)
+  #                -> 2 * (0.75 * 0.65 + 0.25 * 0.35) = 1.15.
+  #   step counts (3, 1) over 4 tokens -> f = (0.75, 0.25) in both:
+  #   micro 0: P = (0.85, 0.15) -> 2 * (0.6375 + 0.0375) = 1.35;
+  #   micro 1: P = (0.45, 0.55) -> 2 * (0.3375 + 0.1375) = 0.95;
+  #   each weighted by its token share 1/2: 0.675 + 0.475 = 1.15.
+  #   Each micro-batch's own f instead: 2 * 0.85 = 1.7 and
+  #   2 * (0.5 * 0.45 + 0.5 * 0.55) = 1.0 -> 1.35, not 1.15.
+  probs = jnp.array([[[0.9, 0.1], [0.8, 0.2]], [[0.6, 0.4], [0.3, 0.7]]])
+  valid = jnp.ones((2, 2), bool)
+  d = routing.route_top_k(probs, k=1, capacity=2)
+  np.testing.assert_array_equal(d.expert_index[..., 0], [[0, 0], [0, 1]])
+  whole = losses.load_balance_loss(probs.reshape(1, 4, 2), d.replace(
+      expert_index=d.expert_index.reshape(1, 4, 1)), valid.reshape(1, 4),
+                                   'batch')
+  assert float(whole) == pytest.approx(1.15)
+  counts = (jnp.array([3.0, 1.0]), jnp.array(4.0))
+  micro = [float(losses.load_balance_loss(
+      probs[i:i + 1], d.replace(expert_index=d.expert_index[i:i + 1]),
+      valid[i:i + 1], 'batch', counts)) for i in range(2)]
+  assert micro == pytest.approx([1.35, 0.95])
+  assert 0.5 * micro[0] + 0.5 * micro[1] == pytest.approx(1.15)
+  own = [float(losses.load_balance_loss(
+      probs[i:i + 1], d.replace(expert_index=d.expert_index[i:i + 1]),
+      valid[i:i + 1], 'batch')) for i in range(2)]
+  assert own == pytest.approx([1.7, 1.0])
+  # The 'group' scope ignores step counts.
+  assert float(losses.load_balance_loss(probs, d, valid, 'group', counts)
+               ) == pytest.approx(float(losses.load_balance_loss(
+                   probs, d, valid, 'group')))
+
+
 def test_batch_scope_reaches_the_layer():
   # One group (G = 1): both scopes agree; two groups whose routing differs:
   # they do not, so MoeLayer really passes aux_loss_scope on.

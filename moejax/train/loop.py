@@ -359,7 +359,8 @@ def _make_loop(model, spec: RunSpec, optimizer, learning_rate_fn, mesh,
   return _Loop(
       train_step=step_lib.make_train_step(
           model, optimizer, seed=spec.seed,
-          learning_rate_fn=learning_rate_fn, **losses, **on_mesh),
+          learning_rate_fn=learning_rate_fn,
+          grad_accum_steps=spec.grad_accum_steps, **losses, **on_mesh),
       eval_step=step_lib.make_eval_step(
           model, num_domains=spec.num_domains,
           token_vocab=spec.token_vocab, **losses, **on_mesh),

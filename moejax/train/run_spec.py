@@ -47,6 +47,8 @@ class RunSpec:
       layer's token specialisation, the NMI of its top-1 expert with the
       input token id (ids in [0, V)), and its chance level.
     progress_bar: a tqdm bar; None: whether stderr is a terminal.
+    grad_accum_steps: M >= 1: each step's batch in M micro-batches, their
+      gradients summed (moejax.train.accumulate); M divides the batch.
   """
   workdir: str
   steps: int
@@ -63,6 +65,7 @@ class RunSpec:
   num_domains: int = 0
   token_vocab: int = 0
   progress_bar: Optional[bool] = None
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
     if not isinstance(self.workdir, str) or not self.workdir:
@@ -73,6 +76,11 @@ class RunSpec:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ValueError(f'RunSpec.{name}={value!r}; allowed: an int >= 0.')
+    if (isinstance(self.grad_accum_steps, bool) or
+        not isinstance(self.grad_accum_steps, int) or
+        self.grad_accum_steps < 1):
+      raise ValueError(f'RunSpec.grad_accum_steps={self.grad_accum_steps!r}; '
+                       'allowed: an int >= 1.')
     if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
       raise ValueError(f'RunSpec.keep_checkpoints={self.keep_checkpoints!r};'
                        ' allowed: an int >= 1.')

@@ -42,8 +42,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax import routing
 from moejax import sharding
 from moejax.analysis import capture as capture_lib
+from moejax.train import accumulate
 from moejax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -149,8 +151,12 @@ def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
                 deterministic: bool, rng: Optional[jax.Array],
                 aux_loss_weight: float, z_loss_weight: float,
                 pad_id: Optional[int], model_state: Optional[dict],
-                update_state: bool, labels: Optional[jax.Array] = None):
+                update_state: bool, labels: Optional[jax.Array] = None,
+                read_only: Optional[dict] = None):
   """compute_loss, plus the model state after the forward pass.
+
+  read_only: more variable collections the model reads and never writes
+  (the step's routing counts under gradient accumulation).
 
   Returns:
     (loss, (metrics, new model_state)); new model_state is `model_state`
@@ -159,7 +165,7 @@ def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
   inputs, _, _, padding_mask = split_tokens(tokens, pad_id)
   rngs = {'router': rng} if rng is not None else {}
   model_state = dict(model_state or {})
-  variables = {'params': params, **model_state}
+  variables = {'params': params, **model_state, **(read_only or {})}
   mutable = sorted(model_state) if update_state and model_state else False
   out = model.apply(variables, inputs, padding_mask=padding_mask,
                     deterministic=deterministic, rngs=rngs, mutable=mutable)
@@ -223,6 +229,87 @@ def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
   return loss, metrics
 
 
+def _valid_inputs(tokens: jax.Array, pad_id: Optional[int]) -> jax.Array:
+  """Number of non-padding input tokens of tokens [B, L + 1] (float32)."""
+  _, _, _, padding = split_tokens(tokens, pad_id)
+  if padding is None:
+    return jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32)
+  return jnp.sum(~padding).astype(jnp.float32)
+
+
+def _task_count(model: nn.Module, tokens: jax.Array,
+                pad_id: Optional[int]) -> jax.Array:
+  """The task loss's normaliser: non-padding targets (LM) or examples."""
+  if getattr(model, 'task', 'lm') == 'classify':
+    return jnp.asarray(tokens.shape[0], jnp.float32)
+  return split_tokens(tokens, pad_id)[2].sum()
+
+
+def _accumulated_grads(params: Any, model: nn.Module, tokens: jax.Array,
+                       labels: Optional[jax.Array], rng: jax.Array, *,
+                       micro: int, model_state: Optional[dict],
+                       aux_loss_weight: float, z_loss_weight: float,
+                       pad_id: Optional[int],
+                       mesh: Optional[jax.sharding.Mesh]):
+  """Gradients of tokens [B, L + 1] summed over `micro` micro-batches.
+
+  See moejax.train.accumulate (the objective, the counting pass, metrics).
+
+  Returns:
+    (grads, metrics, new model_state) as the unaccumulated step's.
+  """
+  accumulate.check_model_state(model_state)
+  model_state = dict(model_state or {})
+  toks = accumulate.micro_batches(tokens, micro, mesh)  # [M, B/M, L + 1]
+  labs = (None if labels is None
+          else accumulate.micro_batches(labels, micro, mesh))
+  rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(micro))
+  n_targets = jnp.maximum(_task_count(model, tokens, pad_id), 1.0)
+  n_inputs = jnp.maximum(_valid_inputs(tokens, pad_id), 1.0)
+
+  def count_fn(toks_i, rng_i):
+    inputs, _, _, padding_mask = split_tokens(toks_i, pad_id)
+    _, sown = model.apply({'params': params, **model_state}, inputs,
+                          padding_mask=padding_mask, deterministic=False,
+                          rngs={'router': rng_i},
+                          mutable=[routing.SOWN_COUNTS])
+    return dict(sown).get(routing.SOWN_COUNTS, {})
+
+  counts = accumulate.step_counts(count_fn, toks, rngs)
+  read_only = None if counts is None else {routing.STEP_COUNTS: counts}
+
+  def objective(p, toks_i, labs_i, rng_i):
+    _, (metrics, new_state) = _apply_loss(
+        p, model, toks_i, deterministic=False, rng=rng_i,
+        aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
+        pad_id=pad_id, model_state=model_state, update_state=True,
+        labels=labs_i, read_only=read_only)
+    share = _valid_inputs(toks_i, pad_id) / n_inputs
+    extra = (aux_loss_weight * metrics['aux_loss'] +
+             z_loss_weight * metrics['z_loss'])
+    for key in ('reg_loss', 'mod_loss'):
+      if key in metrics:
+        extra = extra + metrics[key]
+    loss = metrics['nll_sum'] / n_targets + share * extra
+    return loss, (metrics, new_state, share)
+
+  def body(grads, xs):
+    (loss, aux), g = jax.value_and_grad(objective, has_aux=True)(
+        params, *xs)
+    return jax.tree.map(jnp.add, grads, g), (loss, *aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (losses, stacked, states, shares) = jax.lax.scan(
+      body, zeros, (toks, labs, rngs))
+  metrics = accumulate.combine_metrics(stacked, shares)
+  metrics['lm_loss'] = metrics['nll_sum'] / jnp.maximum(metrics['tokens'],
+                                                        1.0)
+  metrics['loss'] = losses.sum()
+  # Every micro-batch updates the state from the step's counts (or keeps
+  # it): the last one's is the step's.
+  return grads, metrics, jax.tree.map(lambda x: x[-1], states)
+
+
 def _all_finite(tree: Any) -> jax.Array:
   """True iff every inexact leaf of `tree` is finite (bool scalar)."""
   flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -265,7 +352,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     z_loss_weight: float = 0.0, pad_id: Optional[int] = None,
                     learning_rate_fn: Optional[optax.Schedule] = None,
                     mesh: Optional[jax.sharding.Mesh] = None,
-                    state_shardings: Optional[TrainState] = None
+                    state_shardings: Optional[TrainState] = None,
+                    grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, jax.Array],
                                   tuple[TrainState, Metrics]]:
   """Builds the jitted train step (the state argument is donated).
@@ -288,6 +376,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     mesh: the device mesh, or None (no shardings given: JAX places it).
     state_shardings: with mesh, the TrainState of NamedShardings
       (`sharding.tree_shardings` of the abstract state).
+    grad_accum_steps: M >= 1 dividing B: the step's gradient summed over M
+      micro-batches of B / M rows (moejax.train.accumulate); 1: the whole
+      batch in one pass (unchanged).
 
   Returns:
     step(state, tokens [B, L + 1], labels=None) -> (new state, metrics)
@@ -301,16 +392,28 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     program (arguments may be ShapeDtypeStructs).
   """
 
+  if (isinstance(grad_accum_steps, bool) or
+      not isinstance(grad_accum_steps, int) or grad_accum_steps < 1):
+    raise ValueError(f'grad_accum_steps={grad_accum_steps!r}; allowed: an '
+                     'int >= 1 dividing the batch size.')
+
   def train_step(state: TrainState, tokens: jax.Array, seed_: jax.Array,
                  labels: Optional[jax.Array]):
     """One AdamW update on tokens [B, L + 1]; returns (state, metrics)."""
-    loss_fn = lambda p: _apply_loss(
-        p, model, tokens, deterministic=False,
-        rng=step_rng(seed_, state.step), aux_loss_weight=aux_loss_weight,
-        z_loss_weight=z_loss_weight, pad_id=pad_id,
-        model_state=state.model_state, update_state=True, labels=labels)
-    grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
-        state.params)
+    if grad_accum_steps > 1:
+      grads, metrics, model_state = _accumulated_grads(
+          state.params, model, tokens, labels, step_rng(seed_, state.step),
+          micro=grad_accum_steps, model_state=state.model_state,
+          aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
+          pad_id=pad_id, mesh=mesh)
+    else:
+      loss_fn = lambda p: _apply_loss(
+          p, model, tokens, deterministic=False,
+          rng=step_rng(seed_, state.step), aux_loss_weight=aux_loss_weight,
+          z_loss_weight=z_loss_weight, pad_id=pad_id,
+          model_state=state.model_state, update_state=True, labels=labels)
+      grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
+          state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state,
                                           state.params)
     params = optax.apply_updates(state.params, updates)

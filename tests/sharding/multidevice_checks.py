@@ -23,6 +23,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import moejax
@@ -31,6 +32,8 @@ from moejax.dispatch import DISPATCHERS
 from moejax.interop import hf
 from moejax.models.transformer import TransformerLM
 from moejax.routing import RoutingDecision
+from moejax.train import make_train_step
+from moejax.train.state import TrainState
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -345,6 +348,52 @@ def test_transformer_lm_on_a_mesh_matches_one_device():
     logits = forward(jax.device_put(params, shardings),
                      jax.device_put(tokens, sharding.batch_sharding(mesh)))
   np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulated_train_step_on_a_mesh_matches_one_device():
+  # Gradient accumulation on (2, 2, 2): B = 8 in M = 2 micro-batches of 4
+  # rows, each split over the 4 batch shards, experts over 'expert'. With
+  # global-batch balancing ('batch': the counting pass sums f over every
+  # micro-batch and device) and the loss-free bias (updated once from the
+  # whole batch's counts), the update equals one device's, accumulated or
+  # not (SGD with learning rate 1: params compare gradients).
+  model = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=16,
+                        vocab_size=32, moe=dict(
+                            num_experts=4, top_k=2, score_fn='sigmoid',
+                            capacity_factor=1.0, bias_update_rate=0.05,
+                            aux_loss_scope='batch'))
+  tokens = jnp.asarray(np.arange(72).reshape(8, 9) * 7 % 31 + 1, jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens[:, :-1])
+  params = _random_params(abstract['params'], 3)
+  opt = optax.sgd(1.0)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=opt.init(params),
+                     model_state={'moe_state': jax.tree.map(
+                         jnp.zeros_like, abstract['moe_state'])})
+
+  def run(mesh_shape, micro):
+    mesh = None if mesh_shape is None else sharding.make_mesh(*mesh_shape)
+    shardings = None if mesh is None else sharding.tree_shardings(state, mesh)
+    step = make_train_step(model, opt, seed=0, aux_loss_weight=0.3,
+                           mesh=mesh, state_shardings=shardings,
+                           grad_accum_steps=micro)
+    copy = jax.tree.map(jnp.copy, state)  # the step donates its state
+    if mesh is not None:
+      copy = jax.device_put(copy, shardings)
+    return jax.block_until_ready(step(copy, tokens))
+
+  whole, m_whole = run(None, 1)
+  for mesh_shape, micro in ((None, 2), ((2, 2, 2), 2)):
+    got, m_got = run(mesh_shape, micro)
+    for key in ('loss', 'aux_loss', 'grad_norm'):
+      np.testing.assert_allclose(m_got[key], m_whole[key], rtol=1e-5,
+                                 err_msg=f'{mesh_shape} {micro} {key}')
+    for a, b in zip(jax.tree.leaves((got.params, got.model_state)),
+                    jax.tree.leaves((whole.params, whole.model_state))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5,
+                                 err_msg=f'{mesh_shape} {micro}')
+  bias = whole.model_state['moe_state']['block_0']['ffn']['router']['bias']
+  assert float(jnp.abs(bias).max()) > 0
 
 
 def test_hf_import_onto_a_mesh_matches_one_device():

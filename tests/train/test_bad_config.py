@@ -48,6 +48,13 @@ BAD = [
     ('range', 'dense', 'train.steps', '0', ['train.steps=0', 'int >= 1']),
     ('range', 'dense', 'train.batch_size', '-4',
      ['train.batch_size=-4', 'int >= 1']),
+    ('range', 'dense', 'train.grad_accum_steps', '0',
+     ['train.grad_accum_steps=0', 'int >= 1']),
+    ('contradiction', 'dense', 'train.grad_accum_steps', '3',
+     ['train.grad_accum_steps=3', 'a divisor of train.batch_size=4']),
+    ('contradiction', 'remoe', 'train.grad_accum_steps', '2',
+     ["train.grad_accum_steps=2 is not supported with model.moe.router="
+      "'relu'", 'allowed: train.grad_accum_steps=1']),
     ('range', 'dense', 'train.learning_rate', '0',
      ['train.learning_rate=0', 'a number > 0']),
     ('range', 'dense', 'train.b2', '1.0', ['train.b2=1.0', '[0, 1)']),
@@ -197,8 +204,20 @@ BAD += [
     ('mesh', 'dense', 'distributed.num_processes', '0',
      ['distributed.num_processes=0', 'None or an int >= 1']),
 ]
-# Mesh errors that need two keys: (config, overrides, expected texts).
+# Mesh and micro-batch errors that need two keys: (config, overrides,
+# expected texts).
 BAD_MESH_PAIRS = [
+    # Micro-batches of 4 / 2 = 2 rows (32 tokens) cannot hold a group of 4
+    # whole sequences, nor split over 4 batch shards.
+    ('switch', {'train.grad_accum_steps': 2, 'model.moe.group_size': 64,
+                'model.moe.group_order': 'position'},
+     ['model.moe.group_size=64 does not divide the 32 tokens of a '
+      'micro-batch (train.batch_size=4 / train.grad_accum_steps=2',
+      'None or a divisor of 32']),
+    ('switch', {'mesh.data': 4, 'train.grad_accum_steps': 2},
+     ['train.grad_accum_steps=2 makes micro-batches of train.batch_size=4 / '
+      '2 = 2 rows, which the batch shards mesh.data * mesh.expert = 4 do not '
+      'divide', 'a train.grad_accum_steps dividing 1']),
     # B=4 sequences of L=16 in groups of S=32: G = 4 * 16 / 32 = 2 groups,
     # not divisible by the 4 batch shards (B = 4 is).
     ('switch', {'mesh.data': 4, 'model.moe.group_size': 32,

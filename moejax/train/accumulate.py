@@ -1,0 +1,134 @@
+"""Gradient accumulation: one training step's batch in M micro-batches.
+
+Axis letters: M micro-batches, B batch, L sequence length (inputs).
+
+`train.grad_accum_steps = M` computes the update of a [B, L + 1] batch as
+M forward/backward passes over micro-batches of B / M consecutive rows
+(micro-batch i holds rows i·B/M .. (i+1)·B/M − 1, so with routing groups
+of whole sequences its groups are the whole batch's groups i·G/M ..
+(i+1)·G/M − 1) and sums their gradients: the memory of one micro-batch,
+the update of the whole batch. The objective summed over micro-batches is
+the whole batch's:
+
+    loss = Σ_i nll_sum_i / N_targets + Σ_i (n_i / N) · extra_i
+
+where extra_i = aux_loss_weight·aux_loss_i + z_loss_weight·z_loss_i
+(+ reg_loss_i)(+ mod_loss_i) and n_i / N is micro-batch i's share of the
+batch's valid (non-padding) input tokens. The LM loss is exact; the
+router z-loss and the 'batch' balance loss are exact too (means over
+valid tokens); the 'group' balance loss (a mean over groups) is exact when
+the micro-batches hold equally many valid tokens (always without padding).
+
+Whole-batch routing statistics. The 'batch' balance loss (Qiu et al.
+2025) needs the expert frequencies f of the whole step's batch, and the
+loss-free bias update needs the whole batch's counts; both are known only
+after every micro-batch has been routed, but the first micro-batch's
+backward pass already needs f. So, when a router asks for them, the step
+first runs a forward-only counting pass over the M micro-batches (same
+params, same router RNG: the same routing decisions), sums the counts, and
+hands them to every micro-batch's forward pass (`routing.STEP_COUNTS`):
+f is then the whole batch's and P the micro-batch's, and the bias is
+updated once from the whole batch's counts — the step equals the
+unaccumulated one up to float rounding, at the cost of one more forward
+pass. Router noise (jitter, the 'random' second-expert policy) draws from
+fold_in(step key, i) in micro-batch i, so with noise the draws differ from
+the unaccumulated step's (same distribution). ReMoE's L1 controller (a
+state updated from its own call's density) is refused.
+
+Metrics: sums ('nll_sum', 'tokens', 'correct') add up; every other entry
+(routing metrics, per-layer loads) is the mean over micro-batches weighted
+by their valid-token share; 'loss' and 'lm_loss' are the whole batch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moejax import routing
+from moejax import sharding
+
+SUMMED_METRICS = ('nll_sum', 'tokens', 'correct')
+# Model state a micro-batch would update from its own tokens only.
+UNSUPPORTED_STATE = ('l1_coeff',)
+
+
+def micro_batches(x: jax.Array, m: int,
+                  mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """[B, ...] -> [M, B / M, ...]: micro-batch i = rows i·B/M .. (i+1)·B/M − 1.
+
+  On a mesh each micro-batch is split over the batch axes (as a whole
+  batch is).
+
+  Raises:
+    ValueError if M does not divide B.
+  """
+  b = x.shape[0]
+  if m < 1 or b % m:
+    raise ValueError(f'grad_accum_steps={m} must be an int >= 1 dividing the '
+                     f'batch size {b}.')
+  out = x.reshape(m, b // m, *x.shape[1:])
+  if mesh is not None:
+    spec = P(None, sharding.batch_axes(mesh))
+    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+  return out
+
+
+def check_model_state(model_state: Optional[dict]) -> None:
+  """Refuses model state that a micro-batch would update from its own
+  tokens only (ReMoE's `l1_coeff`); ValueError naming it."""
+  for path, _ in jax.tree_util.tree_leaves_with_path(model_state or {}):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if names and names[-1] in UNSUPPORTED_STATE:
+      raise ValueError(
+          f'gradient accumulation (train.grad_accum_steps > 1) does not '
+          f'support the model state {"/".join(names)} (ReMoE\'s L1 '
+          "controller updates it from one call's tokens); allowed: "
+          'train.grad_accum_steps=1 with this router.')
+
+
+def _sum_sown(tree: Any) -> Any:
+  """Sown values (tuples, one entry per call) -> their sums, as a tree."""
+  if isinstance(tree, tuple):
+    total = tree[0]
+    for value in tree[1:]:
+      total = total + value
+    return total
+  return {k: _sum_sown(v) for k, v in tree.items()}
+
+
+def step_counts(count_fn: Callable[[jax.Array, jax.Array], Any],
+                tokens: jax.Array, rngs: jax.Array) -> Optional[dict]:
+  """The routers' counts summed over the micro-batches, or None.
+
+  Args:
+    count_fn: (tokens [B/M, L + 1], rng) -> the `routing.SOWN_COUNTS`
+      collection of a forward pass (tuples of counts), {} if no router
+      sows.
+    tokens: [M, B/M, L + 1] int32.
+    rngs: [M] router keys.
+
+  Returns:
+    None when no router asks for step counts, else the tree of summed
+    counts to pass as the `routing.STEP_COUNTS` collection.
+  """
+  one = lambda t, r: _sum_sown(count_fn(t, r))
+  if not jax.tree.leaves(jax.eval_shape(one, tokens[0], rngs[0])):
+    return None
+  per_micro = jax.lax.scan(lambda c, xs: (c, one(*xs)), None,
+                           (tokens, rngs))[1]
+  return jax.tree.map(lambda x: jax.lax.stop_gradient(x.sum(0)), per_micro)
+
+
+def combine_metrics(stacked: dict, shares: jax.Array) -> dict:
+  """[M, ...] per-micro-batch metrics -> the step's (see module doc)."""
+  out = {}
+  for key, value in stacked.items():
+    if key in SUMMED_METRICS:
+      out[key] = value.sum(0)
+    else:
+      out[key] = jnp.tensordot(shares, value.astype(jnp.float32), axes=1)
+  return out

@@ -1,0 +1,140 @@
+"""Gradient accumulation (train.grad_accum_steps, moejax.train.accumulate):
+M micro-batches give the whole batch's update, routing statistics and
+model state, up to float rounding.
+
+The reference is the same train step without accumulation on the whole
+batch. SGD with learning rate 1 makes the new params the old ones minus
+the gradient, so comparing params compares gradients.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moejax.models.transformer import TransformerLM
+from moejax.train import accumulate
+from moejax.train import make_train_step
+from moejax.train import train_and_evaluate
+from moejax.train.run_spec import RunSpec
+from moejax.train.state import TrainState
+
+B, L, V = 4, 8, 16
+PAD = 0
+
+
+def _tokens(padded: bool) -> jax.Array:
+  """[B, L + 1] tokens in [1, V); with padding, rows 1 and 3 end early (a
+  different number of valid tokens in each micro-batch)."""
+  tokens = jax.random.randint(jax.random.key(3), (B, L + 1), 1, V)
+  if padded:
+    tokens = tokens.at[1, 6:].set(PAD).at[3, 3:].set(PAD)
+  return tokens
+
+
+def _step_result(moe: dict, micro: int, tokens, pad_id=None):
+  model = TransformerLM(vocab_size=V, num_layers=1, d_model=16, num_heads=2,
+                        d_ff=32, moe=dict(num_experts=4, **moe))
+  variables = model.init(jax.random.key(0), tokens[:, :-1])
+  opt = optax.sgd(1.0)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables['params'],
+      opt_state=opt.init(variables['params']),
+      model_state={k: v for k, v in variables.items() if k != 'params'})
+  step = make_train_step(model, opt, seed=0, aux_loss_weight=0.3,
+                         z_loss_weight=0.1, pad_id=pad_id,
+                         grad_accum_steps=micro)
+  start = jax.tree.map(np.asarray, state.params)  # the step donates state
+  return (start, *step(state, tokens))
+
+
+def _assert_trees_close(got, want, atol, what):
+  flat_want = jax.tree_util.tree_leaves_with_path(want)
+  assert len(jax.tree.leaves(got)) == len(flat_want), what
+  for (path, w), g in zip(flat_want, jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=atol,
+                               err_msg=f'{what} {jax.tree_util.keystr(path)}')
+
+
+def test_micro_batches_are_consecutive_rows():
+  x = jnp.arange(12).reshape(4, 3)
+  np.testing.assert_array_equal(accumulate.micro_batches(x, 2),
+                                [[[0, 1, 2], [3, 4, 5]],
+                                 [[6, 7, 8], [9, 10, 11]]])
+  with pytest.raises(ValueError, match='grad_accum_steps=3 .* batch size 4'):
+    accumulate.micro_batches(x, 3)
+
+
+CASES = {
+    # Switch: per-group balance loss, capacity drops, groups of 2 whole
+    # sequences (a micro-batch of 2 rows holds exactly one group).
+    'group_scope_drops_position_groups': (
+        dict(capacity_factor=0.5, group_size=2 * L, group_order='position'),
+        2, False),
+    # DeepSeek-style: sigmoid scores, top-2, the loss-free bias updated once
+    # from the whole batch's counts; global-batch balancing ('batch': f of
+    # the whole batch, P of each micro-batch, weighted by its valid tokens,
+    # exact with padding); 4 micro-batches of one row, each with another
+    # number of valid tokens. (Each micro-batch's own f would give another
+    # loss: tests/test_losses.py hand case.)
+    'loss_free_bias_batch_scope': (
+        dict(score_fn='sigmoid', top_k=2, bias_update_rate=0.05,
+             aux_loss_scope='batch', capacity_factor=1.0), 4, True),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_accumulated_step_equals_the_whole_batch_step(name):
+  moe, micro, padded = CASES[name]
+  tokens = _tokens(padded)
+  pad_id = PAD if padded else None
+  start, want, m_want = _step_result(moe, 1, tokens, pad_id)
+  _, got, m_got = _step_result(moe, micro, tokens, pad_id)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(want.params), jax.tree.leaves(start)))
+  assert moved > 1e-2  # the step really moved the params
+  _assert_trees_close(got.params, want.params, 2e-6, 'params')
+  _assert_trees_close(got.model_state, want.model_state, 0, 'model state')
+  for key in ('loss', 'lm_loss', 'aux_loss', 'z_loss', 'nll_sum', 'tokens',
+              'grad_norm'):
+    np.testing.assert_allclose(m_got[key], m_want[key], rtol=2e-6,
+                               err_msg=key)
+  if 'bias_update_rate' in moe:  # the bias moved, by the batch's counts
+    bias = want.model_state['moe_state']['block_0']['ffn']['router']['bias']
+    assert float(jnp.abs(bias).max()) > 0
+
+
+def test_remoe_state_is_refused():
+  with pytest.raises(ValueError, match='block_0/ffn/router/l1_coeff'):
+    accumulate.check_model_state(
+        {'moe_state': {'block_0': {'ffn': {'router': {
+            'l1_coeff': jnp.ones(())}}}}})
+  accumulate.check_model_state({'moe_state': {'bias': jnp.zeros(4)}})
+  with pytest.raises(ValueError, match='grad_accum_steps=0'):
+    make_train_step(TransformerLM(vocab_size=V, num_layers=1, d_model=8,
+                                  num_heads=1, d_ff=8), optax.sgd(1.0),
+                    seed=0, grad_accum_steps=0)
+
+
+class _Loader:
+  """B=4 sequences of L+1=9 tokens, a pure function of t."""
+  batch_size, seq_len = B, L
+
+  def batch(self, t):
+    rng = np.random.RandomState(t)
+    return {'tokens': rng.randint(1, V, (B, L + 1)).astype(np.int32)}
+
+
+def test_run_spec_reaches_the_train_step(tmp_path):
+  # RunSpec.grad_accum_steps is what the trainer's step splits the batch
+  # by: 3 does not divide the loader's batch of 4.
+  spec = RunSpec(workdir=str(tmp_path / 'run'), steps=1, grad_accum_steps=3,
+                 progress_bar=False)
+  model = TransformerLM(vocab_size=V, num_layers=1, d_model=8, num_heads=1,
+                        d_ff=8)
+  evals = [{'tokens': np.ones((B, L + 1), np.int32),
+            'optimal_nll': np.full(B, np.nan)}]
+  with pytest.raises(ValueError, match='grad_accum_steps=3 .* batch size 4'):
+    train_and_evaluate(model, spec, train_loader=_Loader(), eval_data=evals,
+                       optimizer=optax.sgd(0.1))
