@@ -4,15 +4,17 @@ experiments.X`: argparse through cli.Parser, a bad flag is one stderr line
 the program does and its exit codes.
 
 In-process and parse-only (nothing is timed, imported or trained): the
-programs without a test file of their own (benchmark_decode, hf_parity,
-hf_import_memory, finetune_baselines) get their flags checked here.
+programs without a test file of their own (bench_accumulate,
+benchmark_decode, hf_parity, hf_import_memory, finetune_baselines) get their flags checked here.
 """
 
 import ast
+import json
 import os
 
 import pytest
 
+from experiments import bench_accumulate
 from experiments import benchmark_decode
 from experiments import finetune_baselines
 from experiments import hf_import_memory
@@ -21,7 +23,8 @@ from tests.cli_helpers import assert_bad_flag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # python -m experiments.X -> the module that parses its flags.
-PROGRAMS = {'benchmark': 'benchmark', 'benchmark_decode': 'benchmark_decode',
+PROGRAMS = {'bench_accumulate': 'bench_accumulate',
+            'benchmark': 'benchmark', 'benchmark_decode': 'benchmark_decode',
             'convert': 'convert', 'demo': 'demo',
             'finetune_baselines': 'finetune_baselines',
             'generate': 'generate', 'hf_import_memory': 'hf_import_memory',
@@ -87,6 +90,40 @@ def test_help_says_what_and_exit_codes(program, capsys):
   assert out.startswith(f'usage: python -m experiments.{program} ')
   assert 'exit codes' in out.lower()
   assert 'error: ' in out  # how a user error looks
+
+
+# ---------------------------------------------------------- bench_accumulate
+@pytest.mark.parametrize('argv, flag, allowed', [
+    (['--micro', '2,0'], '--micro', 'a comma-separated list of ints >= 1'),
+    (['--scopes', 'group,global'], '--scopes', "'group', 'batch'"),
+    (['--repeats', '0'], '--repeats', 'an int >= 1'),
+    (['--json', '/nonexistent/dir/a.json'], '--json', 'does not exist'),
+])
+def test_bench_accumulate_bad_flag(capsys, argv, flag, allowed):
+  assert_bad_flag(capsys, bench_accumulate.main, argv, flag, allowed)
+
+
+def test_bench_accumulate_bad_micro_for_the_batch(capsys):
+  # configs/switch.py:tiny has batch_size 16: M = 3 is refused as the
+  # trainer refuses it, before anything compiles.
+  assert bench_accumulate.main(['--config', 'configs/switch.py:tiny',
+                                '--micro', '1,3']) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err == ['error: train.grad_accum_steps=3 is not allowed; allowed '
+                 'values: a divisor of train.batch_size=16.']
+
+
+def test_bench_accumulate_rows(tmp_path, capsys):
+  out = tmp_path / 'acc.json'
+  assert bench_accumulate.main([
+      '--config', 'configs/switch.py:tiny', '--micro', '1,2', '--scopes',
+      'batch', '--steps', '1', '--repeats', '1', '--json', str(out)]) == 0
+  with open(out, encoding='utf-8') as f:
+    rows = json.load(f)['rows']
+  assert [(r['scope'], r['grad_accum_steps']) for r in rows] == [
+      ('batch', 1), ('batch', 2)]
+  assert rows[0]['ratio_to_m1'] == 1.0 and rows[1]['ratio_to_m1'] > 0
+  assert 'batch    2' in capsys.readouterr().out
 
 
 # ---------------------------------------------------------- benchmark_decode
