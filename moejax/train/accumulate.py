@@ -32,8 +32,12 @@ updated once from the whole batch's counts — the step equals the
 unaccumulated one up to float rounding, at the cost of one more forward
 pass. Router noise (jitter, the 'random' second-expert policy) draws from
 fold_in(step key, i) in micro-batch i, so with noise the draws differ from
-the unaccumulated step's (same distribution). ReMoE's L1 controller (a
-state updated from its own call's density) is refused.
+the unaccumulated step's (same distribution). The step's new model state
+is the last micro-batch's: every micro-batch starts from the step's state
+and moejax's routers update it from the step's counts, so all agree. ReMoE's
+L1 controller (a state updated from its own call's density) is refused; a
+stateful module of your own that updates from its own call would keep only
+the last micro-batch's update.
 
 Metrics: sums ('nll_sum', 'tokens', 'correct') add up; every other entry
 (routing metrics, per-layer loads) is the mean over micro-batches weighted
