@@ -317,6 +317,14 @@ MUTATIONS = (
     M('mod-decode-ignores-predictor', 'moejax/models/mod.py',
       '      selected = (p > 0) & real',
       '      selected = targets', ('tests/test_mod.py',)),
+    # gradient accumulation (issue 17)
+    M('accumulate-step-counts-dropped', 'moejax/train/step.py',
+      '  read_only = None if counts is None else {routing.STEP_COUNTS: '
+      'counts}', '  read_only = None', ('tests/train/test_accumulate.py',)),
+    M('accumulate-share-ignored', 'moejax/train/step.py',
+      "    loss = metrics['nll_sum'] / n_targets + share * extra",
+      "    loss = metrics['nll_sum'] / n_targets + extra",
+      ('tests/train/test_accumulate.py',)),
 )
 
 
