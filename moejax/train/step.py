@@ -147,6 +147,20 @@ def _task_loss(model: nn.Module, logits: jax.Array, tokens: jax.Array,
           'correct': jnp.sum(correct.astype(jnp.float32))}
 
 
+def _extra_loss_terms(aux: dict, aux_loss_weight: float,
+                      z_loss_weight: float) -> list:
+  """The loss's terms besides the task loss, in the order they are added
+  to it (scalars): the weighted balance and z losses, then ReMoE's
+  'reg_loss' and the MoD 'mod_loss' when the model reports them. `aux` is
+  the model's aux or the metrics that copy it."""
+  terms = [aux_loss_weight * aux['aux_loss'], z_loss_weight * aux['z_loss']]
+  if 'reg_loss' in aux:  # ReMoE: lambda is the weight (not added as 0)
+    terms.append(aux['reg_loss'])
+  if 'mod_loss' in aux:  # MoD predictor BCE, weighted by the model
+    terms.append(aux['mod_loss'])
+  return terms
+
+
 def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
                 deterministic: bool, rng: Optional[jax.Array],
                 aux_loss_weight: float, z_loss_weight: float,
@@ -176,12 +190,9 @@ def _apply_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
     (logits, aux), new_state = out, model_state
   metrics = _task_loss(model, logits, tokens, labels, pad_id)
   lm_loss = metrics['nll_sum'] / jnp.maximum(metrics['tokens'], 1.0)
-  loss = (lm_loss + aux_loss_weight * aux['aux_loss'] +
-          z_loss_weight * aux['z_loss'])
-  if 'reg_loss' in aux:  # ReMoE: lambda is the weight (not added as 0)
-    loss = loss + aux['reg_loss']
-  if 'mod_loss' in aux:  # MoD predictor BCE, weighted by the model
-    loss = loss + aux['mod_loss']
+  # ((lm_loss + aux term) + z term) + ...: added left to right.
+  loss = sum(_extra_loss_terms(aux, aux_loss_weight, z_loss_weight),
+             lm_loss)
   metrics.update(loss=loss, lm_loss=lm_loss)
   for key in ('aux_loss', 'z_loss', 'drop_fraction', 'max_violation'):
     metrics[key] = aux[key]
@@ -285,11 +296,7 @@ def _accumulated_grads(params: Any, model: nn.Module, tokens: jax.Array,
         pad_id=pad_id, model_state=model_state, update_state=True,
         labels=labs_i, read_only=read_only)
     share = _valid_inputs(toks_i, pad_id) / n_inputs
-    extra = (aux_loss_weight * metrics['aux_loss'] +
-             z_loss_weight * metrics['z_loss'])
-    for key in ('reg_loss', 'mod_loss'):
-      if key in metrics:
-        extra = extra + metrics[key]
+    extra = sum(_extra_loss_terms(metrics, aux_loss_weight, z_loss_weight))
     loss = metrics['nll_sum'] / n_targets + share * extra
     return loss, (metrics, new_state, share)
 
