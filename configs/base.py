@@ -157,8 +157,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       # DeepSeek-V2 scores a group by its best expert ('max'); V3's fixed
       # e_score_correction_bias is a selection bias in 'moe_state'.
       group_score='top2_sum', selection_bias=False,
-      # priority='score' lets a token's routing see later tokens: a causal
-      # LM refuses it unless this is True.
+      # priority='score', and priority='choice' with >= 2 choices per token
+      # and a capacity, let a token's routing see later tokens: a causal LM
+      # refuses them unless this is True.
       allow_noncausal_routing=False,
       aux_loss_weight=0.01, z_loss_weight=0.0,
       # The load-balance loss per routing group ('group': Switch) or over

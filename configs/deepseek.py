@@ -37,4 +37,9 @@ def get_config(arg=None):
       bias_update_rate=0.01,
       num_groups=2, topk_groups=1,  # the 2 chosen come from 1 of 2 groups
       num_shared_experts=1,  # width F/2, on every token
-      capacity_factor=1.25, eval_capacity_factor=2.0, aux_loss_weight=0.0))
+      capacity_factor=1.25, eval_capacity_factor=2.0, aux_loss_weight=0.0,
+      # GShard's choice-major slot order (all 1st choices before any 2nd)
+      # with a capacity lets a 2nd choice's slot depend on later tokens'
+      # 1st choices; kept, so accepted explicitly (priority='token' is
+      # the causal order).
+      allow_noncausal_routing=True))

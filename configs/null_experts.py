@@ -39,6 +39,11 @@ def get_config(arg=None):
   """
   c = base.sized_config(arg, dict(
       top_k=2, capacity_factor=0.625, eval_capacity_factor=1.0,
-      aux_loss_weight=0.01))
+      aux_loss_weight=0.01,
+      # GShard's choice-major slot order (all 1st choices before any 2nd)
+      # with a capacity lets a 2nd choice's slot depend on later tokens'
+      # 1st choices; kept, so accepted explicitly (priority='token' is
+      # the causal order).
+      allow_noncausal_routing=True))
   c.model.moe.num_null_experts = c.model.moe.num_experts
   return c

@@ -50,6 +50,11 @@ def get_sweeps(arg=None):
     topk        top_k in {1, 2, 4} (E = 8): active expert FLOPs grow with K.
     topk_flops  top_k = K with d_ff = F / K, K in {1, 2, 4}: the same active
                 FFN FLOPs per token at every K.
+    priority    top-2 with GShard's choice-major slot order (every 1st
+                choice before any 2nd; a 2nd choice's slot depends on later
+                tokens' 1st choices, accepted with allow_noncausal_routing)
+                against priority='token' (a token's 2 choices together, in
+                position order: causal): what the leak is worth.
     capacity    capacity factor in {0.5, 1.0, 1.25, 2.0, None (dropless)},
                 the same for training and eval, so the eval drop fraction
                 and loss reflect it. One routing group per sequence.
@@ -92,9 +97,12 @@ def get_sweeps(arg=None):
   cfs = (0.5, 1.0, 1.25, 2.0, None)
   return {
       'experts': [{moe + 'num_experts': e} for e in (1, 2, 4, 8, 16, 32)],
-      'topk': [{moe + 'top_k': k} for k in (1, 2, 4)],
-      'topk_flops': [{moe + 'top_k': k, 'model.d_ff': d_ff // k}
-                     for k in (1, 2, 4)],
+      'topk': [{moe + 'top_k': k, **_choice_order(k)} for k in (1, 2, 4)],
+      'topk_flops': [{moe + 'top_k': k, 'model.d_ff': d_ff // k,
+                      **_choice_order(k)} for k in (1, 2, 4)],
+      'priority': [{moe + 'top_k': 2, moe + 'priority': 'choice',
+                    **_choice_order(2)},
+                   {moe + 'top_k': 2, moe + 'priority': 'token'}],
       'capacity': [{moe + 'capacity_factor': cf,
                     moe + 'eval_capacity_factor': cf} for cf in cfs],
       'capacity_groups': [{moe + 'capacity_factor': cf,
@@ -107,11 +115,11 @@ def get_sweeps(arg=None):
       'seeds': [{'seed': s} for s in (0, 1, 2)],
       'conditional': _conditional(config),
       'router': [
-          {moe + 'top_k': 2},
-          {moe + 'top_k': 2, moe + 'score_fn': 'sigmoid',
+          {moe + 'top_k': 2, **_choice_order(2)},
+          {moe + 'top_k': 2, **_choice_order(2), moe + 'score_fn': 'sigmoid',
            moe + 'renormalize': True, moe + 'bias_update_rate': 0.01,
            moe + 'aux_loss_weight': 0.0},
-          {moe + 'top_k': 1, moe + 'granularity': 2,
+          {moe + 'top_k': 1, moe + 'granularity': 2, **_choice_order(2),
            moe + 'score_fn': 'sigmoid', moe + 'renormalize': True,
            moe + 'bias_update_rate': 0.01, moe + 'num_groups': 2,
            moe + 'topk_groups': 1,
@@ -121,17 +129,25 @@ def get_sweeps(arg=None):
   }
 
 
+def _choice_order(choices):
+  """{allow_noncausal_routing: True} for a point with >= 2 choices per token
+  and a capacity: it keeps Switch/GShard's choice-major slot order (every
+  1st choice before any 2nd), where a 2nd choice's slot depends on later
+  tokens' 1st choices (priority='token' is the causal order)."""
+  return {'model.moe.allow_noncausal_routing': True} if choices > 1 else {}
+
+
 def _conditional(config):
   """The `conditional` sweep's points (see get_sweeps)."""
   moe, label = 'model.moe.', '_label'
   experts = config.model.moe.num_experts
   return [
       {label: 'top-1'},
-      {label: 'top-2-half-width', moe + 'top_k': 2,
+      {label: 'top-2-half-width', moe + 'top_k': 2, **_choice_order(2),
        'model.d_ff': config.model.d_ff // 2},
       {label: 'ReMoE', moe + 'router': 'relu',
        moe + 'relu_l1_balance': True, moe + 'aux_loss_weight': 0.0},
-      {label: 'null-experts', moe + 'top_k': 2,
+      {label: 'null-experts', moe + 'top_k': 2, **_choice_order(2),
        moe + 'num_null_experts': experts,
        moe + 'capacity_factor': config.model.moe.capacity_factor / 2,
        moe + 'eval_capacity_factor': (

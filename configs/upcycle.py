@@ -38,6 +38,11 @@ def get_config(arg=None):
   """
   c = base.sized_config(arg, dict(
       top_k=2, renormalize=True, capacity_factor=1.25,
-      eval_capacity_factor=None, aux_loss_weight=0.01))
+      eval_capacity_factor=None, aux_loss_weight=0.01,
+      # GShard's choice-major slot order (all 1st choices before any 2nd)
+      # with a capacity lets a 2nd choice's slot depend on later tokens'
+      # 1st choices; kept, so accepted explicitly (priority='token' is
+      # the causal order).
+      allow_noncausal_routing=True))
   c.init.upcycle = True
   return c

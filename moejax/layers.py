@@ -243,7 +243,8 @@ class MoeLayer(nn.Module):
     pad_to_group: if B*L is not a multiple of S, pad with padding tokens
       instead of raising.
     causal: the layer sits in a causal model; non-causal routing (a router
-      not causal-safe: 'expert_choice', 'soft_moe'; or priority 'score') is
+      not causal-safe: 'expert_choice', 'soft_moe'; priority 'score'; or
+      priority 'choice' with >= 2 choices per token and a capacity) is
       refused.
     allow_noncausal_routing: accept non-causal routing in a causal model.
     dtype: compute dtype of the experts (the router is always float32).

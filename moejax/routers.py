@@ -100,6 +100,10 @@ class RouterSpec:
     causal_options: ((field, causal-safe values), ...): options whose other
       values make this router leak later tokens (refused like a router that
       is not causal-safe).
+    causal_check: optional layer -> None, or the clause naming a
+      combination of causal-safe options that still leaks later tokens
+      (e.g. `choice_order_leak`); refused like `causal_options`.
+    causal_note: what `causal_check` refuses, for `causal_choices`.
     capacity_k: layer -> K of the capacity formula C = ceil(cf * S * K / E),
       or None: the router takes no capacity.
     dense_dispatch: the router returns dense dispatch and combine weights
@@ -117,6 +121,8 @@ class RouterSpec:
   causal_safe: bool = True
   options: tuple = ()
   causal_options: tuple = ()
+  causal_check: Optional[Callable[[Any], Optional[str]]] = None
+  causal_note: str = ''
   capacity_k: Callable[[Any], Optional[int]] = _effective_top_k
   dense_dispatch: bool = False
   validate: Optional[Callable[[Any], None]] = None
@@ -164,9 +170,10 @@ def _check_spec(spec: RouterSpec) -> None:
                                                        nn.Module)):
     raise ValueError(f'RouterSpec module of router {spec.name!r} must be a '
                      f'flax.linen.Module class, got {spec.module!r}.')
-  if not callable(spec.kwargs) or not callable(spec.capacity_k) or not (
-      spec.validate is None or callable(spec.validate)):
-    raise ValueError(f'RouterSpec kwargs, capacity_k and validate (or None) '
+  if not callable(spec.kwargs) or not callable(spec.capacity_k) or not all(
+      f is None or callable(f) for f in (spec.validate, spec.causal_check)):
+    raise ValueError(f'RouterSpec kwargs, capacity_k, validate and '
+                     'causal_check (or None) '
                      f'of router {spec.name!r} must be callables of the '
                      'MoeLayer.')
   if not isinstance(spec.dispatchers, tuple) or not spec.dispatchers:
@@ -290,19 +297,40 @@ def causal_leak(layer: Any, spec: RouterSpec) -> Optional[str]:
     value = getattr(layer, name)
     if value not in safe:
       return f'{name}={value!r}'
-  return None
+  return spec.causal_check(layer) if spec.causal_check else None
+
+
+def choice_order_leak(layer: Any, choices: int) -> Optional[str]:
+  """The leak of choice-major slot order, or None.
+
+  With priority='choice' every token's 1st choice claims a slot before any
+  token's 2nd choice, so when a token has `choices` >= 2 choices and the
+  experts have a capacity (training or eval), whether its 2nd choice keeps
+  a slot depends on the 1st choices of later tokens of its group.
+  priority='token' (a token's choices together, in position order), one
+  choice per token, or no capacity (dropless) leak nothing.
+  """
+  capped = [f'{name}={getattr(layer, name)!r}'
+            for name in ('capacity_factor', 'eval_capacity_factor')
+            if getattr(layer, name) is not None]
+  if layer.priority != 'choice' or choices < 2 or not capped:
+    return None
+  return (f"priority='choice' with {choices} choices per token and a "
+          f"capacity ({', '.join(capped)}; a 2nd choice keeps its slot only "
+          "if later tokens' 1st choices left one)")
 
 
 def causal_choices() -> str:
   """The causal-safe settings, for error messages: "router='topk' with
-  priority 'choice' or 'token'"."""
+  priority 'choice' or 'token' (<its causal_note>)"."""
   parts = []
   for spec in _REGISTRY.values():
     if spec.causal_safe:
       text = f'router={spec.name!r}'
       for name, safe in spec.causal_options:
         text += f' with {name} ' + ' or '.join(repr(v) for v in safe)
-      parts.append(text)
+      parts.append(text + (f' ({spec.causal_note})' if spec.causal_note
+                           else ''))
   return ', or '.join(parts) or 'none registered'
 
 
@@ -364,7 +392,11 @@ _add(RouterSpec(
     name='topk', module=routing.Router, kwargs=_topk_kwargs,
     options=TOPK_OPTIONS, validate=_check_null_experts,
     # 'score' priority sorts a group's tokens by score: later tokens first.
-    causal_options=(('priority', ('choice', 'token')),)))
+    causal_options=(('priority', ('choice', 'token')),),
+    causal_check=lambda layer: choice_order_leak(layer,
+                                                 layer.effective_top_k),
+    causal_note=("'choice' only with one choice per token or no capacity: "
+                 'capacity_factor=None and eval_capacity_factor=None')))
 _add(RouterSpec(
     name='expert_choice', module=expert_choice.ExpertChoiceRouter,
     kwargs=lambda layer: dict(num_experts=layer.effective_experts,

@@ -168,10 +168,15 @@ def test_causal_priorities_under_drops(priority, leaks):
   # (changed) [2, 0] picks e0 first. 'choice': token 1's first choice comes
   # before token 0's second, so token 0's second choice (e1) is dropped
   # or kept depending on the later token: a leak. 'token': token 0 claims
-  # both its slots first, whatever follows.
-  layer = moejax.MoeLayer(num_experts=2, d_ff=4, top_k=2, capacity_factor=.5,
-                          eval_capacity_factor=.5, min_capacity=0,
-                          priority=priority, causal=True)
+  # both its slots first, whatever follows. The causal layer refuses the
+  # leaking order unless told to accept it.
+  kw = dict(num_experts=2, d_ff=4, top_k=2, capacity_factor=.5,
+            eval_capacity_factor=.5, min_capacity=0, priority=priority,
+            causal=True)
+  if leaks:
+    with pytest.raises(ValueError, match='later tokens'):
+      moejax.MoeLayer(**kw)
+  layer = moejax.MoeLayer(**kw, allow_noncausal_routing=leaks)
   a = jnp.asarray([[[2., 0.], [0., 2.]]])
   b = jnp.asarray([[[2., 0.], [2., 0.]]])
   variables = layer.init(jax.random.key(0), a)

@@ -33,7 +33,7 @@ TINY = dict(num_layers=2, d_model=32, num_heads=2, d_ff=64, vocab_size=V)
 # 4 does not divide a [2, 5] prefill's 10 tokens: it must be turned off too.
 MOE = dict(num_experts=4, top_k=2, capacity_factor=0.25,
            eval_capacity_factor=0.25, min_capacity=1, group_size=4,
-           selection_bias=True)
+           selection_bias=True, priority='token')  # causal with a capacity
 MLA = dict(q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
            qk_rope_head_dim=4, v_head_dim=8)
 CASES = {
@@ -403,7 +403,7 @@ def test_cli_prompt_text_with_tokenizer(workdir, tmp_path, capsys,
 def test_step_model_gathers_expert_weights_only_for_few_tokens():
   # B * K < E: 1 * 2 < 8 and 3 * 2 < 8 -> 'per_token'; 4 * 2 = 8 -> kept.
   model = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=16,
-                        moe=dict(num_experts=8, top_k=2))
+                        moe=dict(num_experts=8, top_k=2, priority='token'))
   model = gen.inference_model(model)
   for b, want in ((1, 'per_token'), (3, 'per_token'), (4, 'gather')):
     assert gen.step_model(model, b).moe.get('dispatcher', 'gather') == want, b

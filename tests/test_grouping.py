@@ -121,8 +121,8 @@ def _later_change(x, seq, pos):
   return x.at[seq, pos].set(jax.random.normal(jax.random.key(9), (D,)) * 3)
 
 
-# (priority, K) settings a causal layer allows. 'choice' with K >= 2 is
-# allowed too but lets a 2nd choice see later 1st choices (see below).
+# (priority, K) settings a causal layer allows with a capacity. 'choice'
+# with K >= 2 lets a 2nd choice see later 1st choices: refused (see below).
 CAUSAL_SETTINGS = [('token', 1), ('token', 2), ('choice', 1)]
 
 
@@ -170,10 +170,13 @@ def test_the_leaking_layouts_do_leak():
   # 'choice' priority with K = 2, even position-major: every 1st choice
   # claims before any 2nd choice. C = max(1, ceil(0.125 * 8 * 2 / 2)) = 1:
   # (0,0)'s 2nd choice (expert 1) gets expert 1's slot, unless a later
-  # token's 1st choice, (1,3) here, takes it first.
-  layer, variables = _steered_layer(
-      top_k=2, capacity_factor=0.125, eval_capacity_factor=0.125,
-      group_size=8, group_order='position', causal=True)
+  # token's 1st choice, (1,3) here, takes it first. A causal layer refuses
+  # it unless told to accept the leak.
+  leaky = dict(top_k=2, capacity_factor=0.125, eval_capacity_factor=0.125,
+               group_size=8, group_order='position', causal=True)
+  with pytest.raises(ValueError, match="priority='choice' with 2 choices"):
+    moejax.MoeLayer(num_experts=2, d_ff=8, min_capacity=1, **leaky)
+  layer, variables = _steered_layer(**leaky, allow_noncausal_routing=True)
   x = [[ZERO] * 4, [ZERO] * 4]
   changed = [[ZERO] * 4, [ZERO] * 3 + [ONE]]
   assert _output_changes(layer, variables, x, changed, (0, 0))

@@ -175,6 +175,29 @@ def test_bad_arguments_raise_before_compiling(kwargs, name):
     assert 'allowed' in str(info.value) or 'must be' in str(info.value)
 
 
+@pytest.mark.parametrize('kwargs,refused', [
+    (dict(top_k=2), True),  # GShard's choice-major order with a capacity
+    (dict(top_k=2, capacity_factor=None), True),  # eval cf 2.0 still caps
+    (dict(top_k=2, capacity_factor=None, eval_capacity_factor=None), False),
+    (dict(top_k=2, priority='token'), False),  # a token's choices together
+    (dict(top_k=1), False),  # one choice: 'choice' = 'token'
+    (dict(top_k=1, granularity=2), True),  # 2 effective choices
+    (dict(top_k=2, allow_noncausal_routing=True), False),  # accepted
+    # ReMoE: choice j is expert j, so every expert's claims come in
+    # position order under 'choice' too.
+    (dict(router='relu', top_k=1), False),
+])
+def test_causal_layer_refuses_choice_order_with_two_choices(kwargs, refused):
+  args = dict(num_experts=4, d_ff=F, causal=True, **kwargs)
+  if refused:
+    with pytest.raises(ValueError, match="priority='choice' with .* later "
+                       "tokens' 1st choices.*allow_noncausal_routing=True"):
+      moejax.MoeLayer(**args)
+    moejax.MoeLayer(**{**args, 'causal': False})  # an encoder may
+  else:
+    moejax.MoeLayer(**args)
+
+
 def test_causal_model_may_opt_in_to_score_priority():
   layer = moejax.MoeLayer(num_experts=4, d_ff=F, causal=True,
                           priority='score', allow_noncausal_routing=True)

@@ -187,7 +187,9 @@ def test_router_not_causal_safe_is_refused_in_a_causal_layer(register):
   assert str(info.value).startswith("router='hash_lookahead' lets a token")
   # Every causal-safe registered router is offered, with its safe options.
   assert ("allowed values in a causal model: router='topk' with priority "
-          "'choice' or 'token', or router='relu' with priority 'choice' or "
+          "'choice' or 'token' ('choice' only with one choice per token or "
+          'no capacity: capacity_factor=None and eval_capacity_factor=None), '
+          "or router='relu' with priority 'choice' or "
           "'token', or router='hash' with priority 'choice' or "
           "'token' (or set allow_noncausal_routing=True") in str(info.value)
   moejax.MoeLayer(**kw, causal=True, allow_noncausal_routing=True)
@@ -196,6 +198,19 @@ def test_router_not_causal_safe_is_refused_in_a_causal_layer(register):
   with pytest.raises(ValueError, match="priority='score' lets a token"):
     moejax.MoeLayer(num_experts=E, d_ff=F, router='hash', causal=True,
                     priority='score')
+  # A spec's causal_check refuses a combination of causal-safe options.
+  register(dataclasses.replace(
+      HASH, name='hash_checked', causal_note='not with min_capacity=0',
+      causal_check=lambda layer: ('min_capacity=0' if layer.min_capacity == 0
+                                  else None)))
+  kw = dict(num_experts=E, d_ff=F, router='hash_checked', causal=True)
+  with pytest.raises(ValueError, match=(
+      r"^min_capacity=0 lets a token's routing depend on later tokens.*"
+      r"router='hash_checked' with priority 'choice' or 'token' \(not with "
+      r'min_capacity=0\)')):
+    moejax.MoeLayer(**kw, min_capacity=0)
+  moejax.MoeLayer(**kw, min_capacity=1)
+  moejax.MoeLayer(**kw, min_capacity=0, allow_noncausal_routing=True)
   # Generation asks the registry too.
   lm = dict(num_layers=1, d_model=D, num_heads=2, d_ff=F, vocab_size=32)
   model = TransformerLM(**lm, moe=dict(num_experts=E, router='hash_lookahead',
@@ -243,6 +258,7 @@ def test_undeclared_dispatcher_is_refused(register):
     (dict(dispatchers=('scatter',)), "dispatcher='scatter' is not supported"),
     (dict(dispatchers=()), 'dispatchers of router'),
     (dict(causal_options=(('priority', 'choice'),)), 'causal_options'),
+    (dict(causal_check='min_capacity'), 'causal_check'),
     (dict(module=PositionHashRouter(num_experts=E)),
      'must be a flax.linen.Module class'),
 ])

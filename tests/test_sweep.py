@@ -275,17 +275,19 @@ def test_header_names_the_stdlib_corpus(tmp_path, monkeypatch):
 def test_labelled_points_name_their_runs_and_rows(sweep_setup):
   config, _, out = sweep_setup
   labelled = [{points_lib.LABEL_KEY: 'low lr', 'train.learning_rate': 0.01},
-              {points_lib.LABEL_KEY: 'top-2', 'model.moe.top_k': 2}]
+              {points_lib.LABEL_KEY: 'two-experts',
+               'model.moe.num_experts': 2}]
   assert points_lib.swept_keys(labelled) == ['train.learning_rate',
-                                             'model.moe.top_k']
+                                             'model.moe.num_experts']
   assert points_lib.table_keys(labelled) == []  # the labels are the column
   assert points_lib.table_keys(labelled[1:] and [{'a.b': 1}]) == ['a.b']
   args = sweep_cli_args(config, out)
   runs = points_lib.make_runs(args, labelled, {})
-  assert [r.name for r in runs] == ['low_lr,seed=0', 'top-2,seed=0']
-  assert runs[1].point == {'model.moe.top_k': 2}  # no label in overrides
+  assert [r.name for r in runs] == ['low_lr,seed=0', 'two-experts,seed=0']
+  assert runs[1].point == {'model.moe.num_experts': 2}  # no label in overrides
   assert points_lib.LABEL_KEY not in runs[1].overrides
-  for bad, needle in (([labelled[0], {'model.moe.top_k': 2}], 'on some'),
+  for bad, needle in (([labelled[0], {'model.moe.num_experts': 2}],
+                       'on some'),
                       ([{points_lib.LABEL_KEY: ''}], 'non-empty string')):
     with pytest.raises(ValueError, match=needle):
       points_lib.make_runs(args, bad, {})

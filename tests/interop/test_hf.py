@@ -194,7 +194,7 @@ def test_sliding_window_shorter_than_the_sequence_is_refused(tmp_path):
 def test_export_refuses_a_model_no_family_computes():
   from moejax.models import TransformerLM  # pylint: disable=import-outside-toplevel
   model = TransformerLM(num_layers=1, d_model=16, num_heads=2, d_ff=32,
-                        moe=dict(num_experts=4, top_k=2))
+                        moe=dict(num_experts=4, top_k=2, priority='token'))
   with pytest.raises(ValueError) as e:
     hf_config.hf_config(model)
   message = str(e.value)

@@ -361,7 +361,7 @@ def test_accumulated_train_step_on_a_mesh_matches_one_device():
                         vocab_size=32, moe=dict(
                             num_experts=4, top_k=2, score_fn='sigmoid',
                             capacity_factor=1.0, bias_update_rate=0.05,
-                            aux_loss_scope='batch'))
+                            aux_loss_scope='batch', priority='token'))
   tokens = jnp.asarray(np.arange(72).reshape(8, 9) * 7 % 31 + 1, jnp.int32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), tokens[:, :-1])
   params = _random_params(abstract['params'], 3)

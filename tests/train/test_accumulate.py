@@ -80,7 +80,8 @@ CASES = {
     # loss: tests/test_losses.py hand case.)
     'loss_free_bias_batch_scope': (
         dict(score_fn='sigmoid', top_k=2, bias_update_rate=0.05,
-             aux_loss_scope='batch', capacity_factor=1.0), 4, True),
+             aux_loss_scope='batch', capacity_factor=1.0, priority='token'),
+        4, True),
 }
 
 

@@ -124,6 +124,11 @@ BAD = [
     ('causal', 'switch', 'model.moe.priority', 'score',
      ["model.moe.priority='score'", "'choice' or 'token'",
       'model.moe.allow_noncausal_routing=True']),
+    ('causal', 'switch', 'model.moe.top_k', '2',
+     ["model.moe.priority='choice' with 2 choices per token and a capacity "
+      '(model.moe.capacity_factor=1.25, model.moe.eval_capacity_factor=2.0',
+      "later tokens' 1st choices", "priority 'choice' or 'token'",
+      'model.moe.allow_noncausal_routing=True']),
     ('causal', 'switch', 'model.moe.router', 'expert_choice',
      ["model.moe.router='expert_choice'", "router='topk'",
       'model.moe.allow_noncausal_routing=True']),
