@@ -164,11 +164,6 @@ def _check_groups(config: ml_collections.ConfigDict) -> None:
         f'tokens of a {"micro-" if micro > 1 else ""}batch (train.batch_size='
         f'{t.batch_size}{accum} x data.seq_len={d.seq_len}); allowed values: '
         f'None or a divisor of {tokens}.')
-  if micro > 1 and moe.router == 'relu':
-    raise ValueError(
-        f"train.grad_accum_steps={micro} is not supported with model.moe."
-        "router='relu' (its L1 controller updates lambda from one call's "
-        'tokens); allowed: train.grad_accum_steps=1 with this router.')
   try:
     leak = grouping.causal_group_leak(moe.group_size, moe.group_order,
                                       d.seq_len)

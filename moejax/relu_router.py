@@ -37,8 +37,10 @@ State. lambda lives in the 'moe_state' collection (`moe_state/.../router/
 l1_coeff`, a float32 scalar initialised to lambda_0): outside the
 optimizer, inside the checkpoint. A training call (`deterministic=False`)
 with 'moe_state' mutable uses the current lambda and then stores the
-controller's update with the density of this call's whole (global) batch;
-otherwise lambda is only read. One controller per layer (the paper shares
+controller's update with the density of this call's whole (global) batch
+(under gradient accumulation, of the whole step's batch: the counts come
+from the train step's counting pass, `_step_counts`); otherwise lambda is
+only read. One controller per layer (the paper shares
 one lambda and the mean density over layers; per layer, every layer meets
 the target on its own).
 
@@ -115,7 +117,8 @@ def route_relu(gates: jax.Array, capacity: int, priority: str = 'choice',
 
 
 def l1_penalty(gates: jax.Array, valid: jax.Array, target_k: int,
-               balance: bool = False) -> jax.Array:
+               balance: bool = False,
+               step_counts: Optional[tuple] = None) -> jax.Array:
   """The ReMoE sparsity penalty L_reg (module docstring), a float32 scalar.
 
   Args:
@@ -124,6 +127,8 @@ def l1_penalty(gates: jax.Array, valid: jax.Array, target_k: int,
     target_k: K_target (the balanced form's normaliser).
     balance: weight expert e's gates by f_e = E * active_e / (K_target *
       tokens) (no gradient through f).
+    step_counts: optional (active [E], tokens) of the whole step's batch
+      (gradient accumulation): f from them instead of this call's tokens.
 
   Example: two valid tokens, gates [1, 0] and [.5, .5] (E = 2): plain
   (1 + 1) / 2 = 1; balanced with K_target = 1: f = 2 * (2, 1) / (1 * 2) =
@@ -133,11 +138,17 @@ def l1_penalty(gates: jax.Array, valid: jax.Array, target_k: int,
   tokens = jnp.maximum(valid_f.sum(), 1.0)
   per_expert = jnp.einsum('GSE,GS->E', gates.astype(jnp.float32), valid_f)
   if balance:
-    active = jnp.einsum('GSE,GS->E', (gates > 0).astype(jnp.float32),
-                        valid_f)
-    f = gates.shape[-1] * active / (target_k * tokens)
+    active, total = step_counts or (_active_counts(gates, valid), tokens)
+    f = gates.shape[-1] * active / (target_k * jnp.maximum(total, 1.0))
     per_expert = per_expert * jax.lax.stop_gradient(f)
   return per_expert.sum() / tokens
+
+
+def _active_counts(gates: jax.Array, valid: jax.Array) -> jax.Array:
+  """[G, S, E] gates, [G, S] valid -> [E] valid tokens with a positive
+  gate per expert (float32)."""
+  return jnp.einsum('GSE,GS->E', (gates > 0).astype(jnp.float32),
+                    valid.astype(jnp.float32))
 
 
 def l1_coeff_update(coeff: jax.Array, density: jax.Array, target_k: int,
@@ -188,7 +199,8 @@ class ReluRouter(nn.Module):
     logits = routing.router_logits(x, kernel)  # [G, S, E]
     gates = jax.nn.relu(logits)
     decision = route_relu(gates, capacity, self.priority, valid)
-    penalty = l1_penalty(gates, valid, self.target_k, self.l1_balance)
+    step = self._step_counts(gates, valid, deterministic)
+    penalty = l1_penalty(gates, valid, self.target_k, self.l1_balance, step)
     lam = coeff.value
     aux = {'aux_loss': jnp.zeros((), jnp.float32),
            'z_loss': losses.z_loss(logits, valid),
@@ -202,12 +214,34 @@ class ReluRouter(nn.Module):
     aux.update(losses.routing_metrics(probs, counted, valid))
     aux.update(losses.active_expert_metrics(decision, valid))
     if not deterministic and self.is_mutable_collection('moe_state'):
-      valid_f = valid.astype(jnp.float32)
-      density = decision.request.astype(jnp.float32).sum() / jnp.maximum(
-          valid_f.sum() * e, 1.0)
+      active, tokens = step or (_active_counts(gates, valid),
+                                valid.astype(jnp.float32).sum())
+      density = active.sum() / jnp.maximum(tokens * e, 1.0)
       coeff.value = l1_coeff_update(lam, density, self.target_k, e,
                                     self.l1_alpha)
     return decision, aux
+
+  def _step_counts(self, gates: jax.Array, valid: jax.Array,
+                   deterministic: bool) -> Optional[tuple]:
+    """(active [E], tokens) of the whole step's batch under gradient
+    accumulation, or None (then this call's own counts serve).
+
+    In training the router sows its active-gate counts and valid-token
+    count into `routing.SOWN_COUNTS` when that collection is mutable (the
+    train step's counting pass over the micro-batches) and reads the
+    step's totals from `routing.STEP_COUNTS` when the step passes them, so
+    the L1 controller moves lambda once, from the whole batch's density,
+    and the balanced penalty's f is the whole batch's.
+    """
+    if deterministic:
+      return None
+    if self.is_mutable_collection(routing.SOWN_COUNTS):
+      self.sow(routing.SOWN_COUNTS, 'active', _active_counts(gates, valid))
+      self.sow(routing.SOWN_COUNTS, 'tokens', valid.astype(jnp.float32).sum())
+    if not self.has_variable(routing.STEP_COUNTS, 'active'):
+      return None
+    return (self.get_variable(routing.STEP_COUNTS, 'active'),
+            self.get_variable(routing.STEP_COUNTS, 'tokens'))
 
 
 def _check_layer(layer) -> None:

@@ -157,6 +157,14 @@ def test_l1_penalty_hand_cases():
   # Padding counts nowhere: only token 0 -> plain 1.0 / 1.
   np.testing.assert_allclose(
       relu_router.l1_penalty(gates, jnp.array([[True, False]]), 1), 1.0)
+  # A whole step's counts (gradient accumulation): active (1, 3) of 4
+  # tokens -> f = 2 * (1, 3) / (1 * 4) = (.5, 1.5); this call's per-expert
+  # gate sums (1.5, .5) over its own 2 tokens: (.5 * 1.5 + 1.5 * .5) / 2 =
+  # .75.
+  step = (jnp.array([1., 3.]), jnp.float32(4.0))
+  np.testing.assert_allclose(
+      relu_router.l1_penalty(gates, valid, 1, balance=True, step_counts=step),
+      .75)
 
 
 def test_controller_update_hand_cases():
@@ -170,6 +178,34 @@ def test_controller_update_hand_cases():
 
 def _coeff(state):
   return float(state['moe_state']['router']['l1_coeff'])
+
+
+def test_controller_uses_the_step_counts_under_accumulation():
+  # Every gate positive (kernel +1, x > 0): this call's density is 1 > 1/4,
+  # so alone lambda grows (x 1.2). The counting pass sows the call's active
+  # counts (8 tokens on each of the 4 experts); given a whole step's counts
+  # of 1 active gate in 8 tokens, density = 1 / (8 * 4) < 1/4: lambda
+  # shrinks (/ 1.2) instead.
+  from moejax import routing  # pylint: disable=import-outside-toplevel
+  layer = _layer()
+  x = jnp.abs(_x(1, 8)) + 0.1
+  variables = layer.init(init_key(0), x)
+  params = dict(variables['params'])
+  params['router'] = {'kernel': jnp.ones((D, E))}
+  state = {'moe_state': variables['moe_state']}
+  _, sown = layer.apply({'params': params, **state}, x, deterministic=False,
+                        mutable=[routing.SOWN_COUNTS])
+  counts = sown[routing.SOWN_COUNTS]['router']
+  np.testing.assert_array_equal(counts['active'][0], [8., 8., 8., 8.])
+  assert float(counts['tokens'][0]) == 8.0
+  step = {routing.STEP_COUNTS: {'router': {
+      'active': jnp.array([1., 0., 0., 0.]), 'tokens': jnp.float32(8.0)}}}
+  _, alone = layer.apply({'params': params, **state}, x, deterministic=False,
+                         mutable=['moe_state'])
+  _, stepped = layer.apply({'params': params, **state, **step}, x,
+                           deterministic=False, mutable=['moe_state'])
+  np.testing.assert_allclose(_coeff(alone), 1e-8 * 1.2, rtol=1e-6)
+  np.testing.assert_allclose(_coeff(stepped), 1e-8 / 1.2, rtol=1e-6)
 
 
 @pytest.mark.parametrize('sign,factor', [(1.0, 1.2), (-1.0, 1 / 1.2)])

@@ -325,6 +325,16 @@ MUTATIONS = (
       "    loss = metrics['nll_sum'] / n_targets + share * extra",
       "    loss = metrics['nll_sum'] / n_targets + extra",
       ('tests/train/test_accumulate.py',)),
+    M('remoe-step-counts-ignored', 'moejax/relu_router.py',
+      '    step = self._step_counts(gates, valid, deterministic)\n',
+      '    step = None\n',
+      ('tests/train/test_accumulate.py', 'tests/test_remoe.py')),
+    # causal routing: choice-major order with 2+ choices (issue 17)
+    M('choice-order-leak-allowed', 'moejax/routers.py',
+      "  if layer.priority != 'choice' or choices < 2 or not capped:",
+      "  if True:",
+      ('tests/test_layer_semantics.py', 'tests/test_grouping.py',
+       'tests/test_blind_spots.py')),
 )
 
 

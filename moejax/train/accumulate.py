@@ -20,8 +20,9 @@ valid tokens); the 'group' balance loss (a mean over groups) is exact when
 the micro-batches hold equally many valid tokens (always without padding).
 
 Whole-batch routing statistics. The 'batch' balance loss (Qiu et al.
-2025) needs the expert frequencies f of the whole step's batch, and the
-loss-free bias update needs the whole batch's counts; both are known only
+2025) needs the expert frequencies f of the whole step's batch, the
+loss-free bias update and ReMoE's L1 controller (and its balanced
+penalty) need the whole batch's counts; both are known only
 after every micro-batch has been routed, but the first micro-batch's
 backward pass already needs f. So, when a router asks for them, the step
 first runs a forward-only counting pass over the M micro-batches (same
@@ -34,10 +35,10 @@ pass. Router noise (jitter, the 'random' second-expert policy) draws from
 fold_in(step key, i) in micro-batch i, so with noise the draws differ from
 the unaccumulated step's (same distribution). The step's new model state
 is the last micro-batch's: every micro-batch starts from the step's state
-and moejax's routers update it from the step's counts, so all agree. ReMoE's
-L1 controller (a state updated from its own call's density) is refused; a
-stateful module of your own that updates from its own call would keep only
-the last micro-batch's update.
+and moejax's routers update it from the step's counts, so all agree (the
+loss-free bias from the step's choice counts, ReMoE's L1 controller from
+the step's density of active gates). A stateful module of your own that
+updates from its own call would keep only the last micro-batch's update.
 
 Metrics: sums ('nll_sum', 'tokens', 'correct') add up; every other entry
 (routing metrics, per-layer loads) is the mean over micro-batches weighted
@@ -56,8 +57,6 @@ from moejax import routing
 from moejax import sharding
 
 SUMMED_METRICS = ('nll_sum', 'tokens', 'correct')
-# Model state a micro-batch would update from its own tokens only.
-UNSUPPORTED_STATE = ('l1_coeff',)
 
 
 def micro_batches(x: jax.Array, m: int,
@@ -79,19 +78,6 @@ def micro_batches(x: jax.Array, m: int,
     spec = P(None, sharding.batch_axes(mesh))
     out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
   return out
-
-
-def check_model_state(model_state: Optional[dict]) -> None:
-  """Refuses model state that a micro-batch would update from its own
-  tokens only (ReMoE's `l1_coeff`); ValueError naming it."""
-  for path, _ in jax.tree_util.tree_leaves_with_path(model_state or {}):
-    names = [str(getattr(k, 'key', k)) for k in path]
-    if names and names[-1] in UNSUPPORTED_STATE:
-      raise ValueError(
-          f'gradient accumulation (train.grad_accum_steps > 1) does not '
-          f'support the model state {"/".join(names)} (ReMoE\'s L1 '
-          "controller updates it from one call's tokens); allowed: "
-          'train.grad_accum_steps=1 with this router.')
 
 
 def _sum_sown(tree: Any) -> Any:

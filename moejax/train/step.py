@@ -269,7 +269,6 @@ def _accumulated_grads(params: Any, model: nn.Module, tokens: jax.Array,
   Returns:
     (grads, metrics, new model_state) as the unaccumulated step's.
   """
-  accumulate.check_model_state(model_state)
   model_state = dict(model_state or {})
   toks = accumulate.micro_batches(tokens, micro, mesh)  # [M, B/M, L + 1]
   labs = (None if labels is None

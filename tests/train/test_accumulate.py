@@ -82,6 +82,13 @@ CASES = {
         dict(score_fn='sigmoid', top_k=2, bias_update_rate=0.05,
              aux_loss_scope='batch', capacity_factor=1.0, priority='token'),
         4, True),
+    # ReMoE: the L1 controller moves lambda once, from the whole batch's
+    # density of active gates, and the balanced penalty's f is the whole
+    # batch's (both from the counting pass); lambda_0 = 0.5 so the penalty
+    # weighs in the gradient. With padding, 2 micro-batches.
+    'remoe_balanced_l1': (
+        dict(router='relu', relu_l1_balance=True, relu_l1_init=0.5,
+             capacity_factor=None, eval_capacity_factor=None), 2, True),
 }
 
 
@@ -101,17 +108,15 @@ def test_accumulated_step_equals_the_whole_batch_step(name):
               'grad_norm'):
     np.testing.assert_allclose(m_got[key], m_want[key], rtol=2e-6,
                                err_msg=key)
+  router = want.model_state.get('moe_state', {}).get('block_0', {}).get(
+      'ffn', {}).get('router', {})
   if 'bias_update_rate' in moe:  # the bias moved, by the batch's counts
-    bias = want.model_state['moe_state']['block_0']['ffn']['router']['bias']
-    assert float(jnp.abs(bias).max()) > 0
+    assert float(jnp.abs(router['bias']).max()) > 0
+  if 'relu_l1_init' in moe:  # lambda moved (x 1.2 or / 1.2)
+    assert abs(float(router['l1_coeff']) - moe['relu_l1_init']) > 0.05
 
 
-def test_remoe_state_is_refused():
-  with pytest.raises(ValueError, match='block_0/ffn/router/l1_coeff'):
-    accumulate.check_model_state(
-        {'moe_state': {'block_0': {'ffn': {'router': {
-            'l1_coeff': jnp.ones(())}}}}})
-  accumulate.check_model_state({'moe_state': {'bias': jnp.zeros(4)}})
+def test_bad_grad_accum_steps_is_refused():
   with pytest.raises(ValueError, match='grad_accum_steps=0'):
     make_train_step(TransformerLM(vocab_size=V, num_layers=1, d_model=8,
                                   num_heads=1, d_ff=8), optax.sgd(1.0),

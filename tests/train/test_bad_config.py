@@ -52,9 +52,6 @@ BAD = [
      ['train.grad_accum_steps=0', 'int >= 1']),
     ('contradiction', 'dense', 'train.grad_accum_steps', '3',
      ['train.grad_accum_steps=3', 'a divisor of train.batch_size=4']),
-    ('contradiction', 'remoe', 'train.grad_accum_steps', '2',
-     ["train.grad_accum_steps=2 is not supported with model.moe.router="
-      "'relu'", 'allowed: train.grad_accum_steps=1']),
     ('range', 'dense', 'train.learning_rate', '0',
      ['train.learning_rate=0', 'a number > 0']),
     ('range', 'dense', 'train.b2', '1.0', ['train.b2=1.0', '[0, 1)']),
