@@ -53,12 +53,14 @@ def model_sizes() -> dict:
 
 
 def build_model(size: dict, kind: str, dtype) -> TransformerLM:
-  """dense | switch (top-1, cf 1.25) | gshard (top-2, 'random' policy)."""
+  """dense | switch (top-1, cf 1.25) | gshard (top-2, 'random' policy,
+  GShard's choice-major slot order: allow_noncausal_routing)."""
   moe = None
   if kind != 'dense':
     moe = dict(num_experts=size['num_experts'], capacity_factor=1.25,
                top_k=1 if kind == 'switch' else 2,
-               second_expert_policy='all' if kind == 'switch' else 'random')
+               second_expert_policy='all' if kind == 'switch' else 'random',
+               allow_noncausal_routing=kind == 'gshard')
   return TransformerLM(num_layers=size['num_layers'], d_model=size['d_model'],
                        num_heads=size['num_heads'], d_ff=size['d_ff'],
                        vocab_size=256, activation='gelu', moe=moe,
