@@ -37,7 +37,10 @@ SEQUENCE = dict(group_size=S, allow_noncausal_routing=True)
 CONFIGS = {'plain': SEQUENCE,
            'renorm_bias': dict(SEQUENCE, renormalize=True,
                                selection_bias=True),
-           'position': dict(group_size=S_POS, group_order='position')}
+           # K = 2 in choice-major order with a capacity: a 2nd choice's
+           # slot sees later 1st choices, accepted here too.
+           'position': dict(group_size=S_POS, group_order='position',
+                            allow_noncausal_routing=True)}
 
 
 def _model(**moe):
