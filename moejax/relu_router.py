@@ -226,22 +226,15 @@ class ReluRouter(nn.Module):
     """(active [E], tokens) of the whole step's batch under gradient
     accumulation, or None (then this call's own counts serve).
 
-    In training the router sows its active-gate counts and valid-token
-    count into `routing.SOWN_COUNTS` when that collection is mutable (the
-    train step's counting pass over the micro-batches) and reads the
-    step's totals from `routing.STEP_COUNTS` when the step passes them, so
+    In training the router exchanges its active-gate counts per expert
+    through `routing.step_totals` (sown in the train step's counting pass,
+    the step's totals read back in every micro-batch), so
     the L1 controller moves lambda once, from the whole batch's density,
     and the balanced penalty's f is the whole batch's.
     """
     if deterministic:
       return None
-    if self.is_mutable_collection(routing.SOWN_COUNTS):
-      self.sow(routing.SOWN_COUNTS, 'active', _active_counts(gates, valid))
-      self.sow(routing.SOWN_COUNTS, 'tokens', valid.astype(jnp.float32).sum())
-    if not self.has_variable(routing.STEP_COUNTS, 'active'):
-      return None
-    return (self.get_variable(routing.STEP_COUNTS, 'active'),
-            self.get_variable(routing.STEP_COUNTS, 'tokens'))
+    return routing.step_totals(self, _active_counts(gates, valid), valid)
 
 
 def _check_layer(layer) -> None:

@@ -53,6 +53,25 @@ SOWN_COUNTS = 'routing_counts'
 STEP_COUNTS = 'step_routing_counts'
 
 
+def step_totals(module: nn.Module, counts: jax.Array,
+                valid: jax.Array) -> Optional[tuple]:
+  """A router's side of gradient accumulation's counting pass.
+
+  Sows this call's `counts` [E'] and valid-token count ([G, S] `valid`)
+  into `SOWN_COUNTS` when that collection is mutable (the train step's
+  counting pass over the micro-batches), and returns the step's totals
+  (counts [E'], tokens) when the step passes them in `STEP_COUNTS`; None
+  otherwise (the caller then uses its own call's counts).
+  """
+  if module.is_mutable_collection(SOWN_COUNTS):
+    module.sow(SOWN_COUNTS, 'counts', counts)
+    module.sow(SOWN_COUNTS, 'tokens', valid.astype(jnp.float32).sum())
+  if not module.has_variable(STEP_COUNTS, 'counts'):
+    return None
+  return (module.get_variable(STEP_COUNTS, 'counts'),
+          module.get_variable(STEP_COUNTS, 'tokens'))
+
+
 @struct.dataclass
 class RoutingDecision:
   """Where every token-choice goes. All arrays are [G, S, K]."""
@@ -482,11 +501,5 @@ class Router(nn.Module):
     if deterministic or not (self.aux_loss_scope == 'batch' or (
         has_bias and self.bias_update_rate > 0)):
       return None
-    if self.is_mutable_collection(SOWN_COUNTS):
-      self.sow(SOWN_COUNTS, 'counts', losses.choice_counts(scored, valid)
-               .sum(0))
-      self.sow(SOWN_COUNTS, 'tokens', valid.astype(jnp.float32).sum())
-    if not self.has_variable(STEP_COUNTS, 'counts'):
-      return None
-    return (self.get_variable(STEP_COUNTS, 'counts'),
-            self.get_variable(STEP_COUNTS, 'tokens'))
+    return step_totals(self, losses.choice_counts(scored, valid).sum(0),
+                       valid)

@@ -196,10 +196,10 @@ def test_controller_uses_the_step_counts_under_accumulation():
   _, sown = layer.apply({'params': params, **state}, x, deterministic=False,
                         mutable=[routing.SOWN_COUNTS])
   counts = sown[routing.SOWN_COUNTS]['router']
-  np.testing.assert_array_equal(counts['active'][0], [8., 8., 8., 8.])
+  np.testing.assert_array_equal(counts['counts'][0], [8., 8., 8., 8.])
   assert float(counts['tokens'][0]) == 8.0
   step = {routing.STEP_COUNTS: {'router': {
-      'active': jnp.array([1., 0., 0., 0.]), 'tokens': jnp.float32(8.0)}}}
+      'counts': jnp.array([1., 0., 0., 0.]), 'tokens': jnp.float32(8.0)}}}
   _, alone = layer.apply({'params': params, **state}, x, deterministic=False,
                          mutable=['moe_state'])
   _, stepped = layer.apply({'params': params, **state, **step}, x,

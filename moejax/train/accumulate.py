@@ -22,7 +22,7 @@ the micro-batches hold equally many valid tokens (always without padding).
 Whole-batch routing statistics. The 'batch' balance loss (Qiu et al.
 2025) needs the expert frequencies f of the whole step's batch, the
 loss-free bias update and ReMoE's L1 controller (and its balanced
-penalty) need the whole batch's counts; both are known only
+penalty) need the whole batch's counts; these are known only
 after every micro-batch has been routed, but the first micro-batch's
 backward pass already needs f. So, when a router asks for them, the step
 first runs a forward-only counting pass over the M micro-batches (same
