@@ -40,6 +40,7 @@ from experiments.model_config import model_vocab_size  # pylint: disable=unused-
 from experiments.model_config import moe_kwargs  # pylint: disable=unused-import
 from experiments.model_config import vocab_size
 from moejax import data as data_lib
+from moejax import grouping
 from moejax import sharding
 from moejax.train import optim
 
@@ -376,7 +377,9 @@ def check_mesh_fit(config: ml_collections.ConfigDict,
         f'allowed values: a train.grad_accum_steps dividing '
         f'{t.batch_size // shards}.')
   if expert_bank:
-    groups = -(-rows * d.seq_len // (moe.group_size or d.seq_len))
+    s = grouping.group_tokens(moe.group_size, moe.get('group_sequences'),
+                              d.seq_len) or d.seq_len
+    groups = -(-rows * d.seq_len // s)
     sharding.check_moe_mesh(mesh, experts, groups)
 
 

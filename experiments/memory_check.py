@@ -71,6 +71,7 @@ import ml_collections
 
 from moejax import blocked
 from moejax import capacity as capacity_lib
+from moejax import grouping
 from moejax.models import flops
 
 GIB = 2**30
@@ -98,7 +99,8 @@ def _moe_block_bytes(moe: dict, batch: int, seq_len: int, d_model: int,
   m = moe.get('granularity', 1)
   experts, top_k = m * moe['num_experts'], m * moe.get('top_k', 1)
   width = d_ff // m
-  s = moe.get('group_size') or seq_len
+  s = grouping.group_tokens(moe.get('group_size'),
+                            moe.get('group_sequences'), seq_len) or seq_len
   groups = -(-batch * seq_len // s)
   router = moe.get('router', 'topk')
   if router == 'soft_moe':

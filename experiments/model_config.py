@@ -37,7 +37,7 @@ MOE_LAYER_KEYS = ('num_experts', 'top_k', 'capacity_factor',
                   'num_shared_experts', 'shared_d_ff', 'shared_gate',
                   'slots_per_expert', 'soft_normalize', 'relu_l1_alpha',
                   'relu_l1_init', 'relu_l1_balance', 'num_null_experts',
-                  'group_size', 'group_order',
+                  'group_size', 'group_sequences', 'group_order',
                   'allow_noncausal_routing')
 TASKS = ('lm', 'classify')  # model.task: TransformerLM | EncoderClassifier
 MLA_KEYS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
@@ -137,7 +137,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         f'{m.num_layers}{" with fewer dense_layers" if dense else ""}, or '
         'model.moe.num_experts=0 for a dense model.')
   if moe.num_experts:
-    _check_groups(config)
+    _check_groups(config, model)
   for name in ('aux_loss_weight', 'z_loss_weight'):
     _require(f'model.moe.{name}', moe[name], moe[name] >= 0, '>= 0')
   if (moe.num_experts and moe.second_expert_policy == 'random' and
@@ -148,33 +148,87 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         "allowed values: 'all' with top_k=1, or model.moe.top_k >= 2.")
 
 
-def _check_groups(config: ml_collections.ConfigDict) -> None:
-  """model.moe.group_size / group_order against the batch: groups divide
-  it, 'position' groups hold whole sequences, and the causal LM refuses a
-  layout that lets a token see later positions (moejax.grouping)."""
-  moe, t, d = config.model.moe, config.train, config.data
-  micro = config_value(config, 'train.grad_accum_steps')
-  rows = t.batch_size // micro
-  tokens = rows * d.seq_len
-  if moe.group_size and tokens % moe.group_size:
-    accum = (f' / train.grad_accum_steps={micro} micro-batches'
-             if micro > 1 else '')
-    raise ValueError(
-        f'model.moe.group_size={moe.group_size} does not divide the {tokens} '
-        f'tokens of a {"micro-" if micro > 1 else ""}batch (train.batch_size='
-        f'{t.batch_size}{accum} x data.seq_len={d.seq_len}); allowed values: '
-        f'None or a divisor of {tokens}.')
+def _check_groups(config: ml_collections.ConfigDict, model) -> None:
+  """model.moe.group_size / group_sequences / group_order against the
+  batch, for every row length the model's MoE layers see (L, and Lc in
+  Mixture-of-Depths blocks): groups divide it, 'position' groups hold
+  whole sequences, and the causal LM refuses a layout that lets a token
+  see later positions (moejax.grouping)."""
+  moe = config.model.moe
+  k = moe.group_sequences
+  if k is not None:
+    _require('model.moe.group_sequences', k, _is_int(k) and k >= 1,
+             'None (one group per sequence) or an int >= 1')
   try:
-    leak = grouping.causal_group_leak(moe.group_size, moe.group_order,
-                                      d.seq_len)
+    grouping.group_tokens(moe.group_size, k, 1)
   except ValueError as e:
     raise _prefixed(e) from e
-  if leak and config.model.task == 'lm' and not moe.allow_noncausal_routing:
+  for length, where in _moe_row_lengths(config, model):
+    _check_group_rows(config, length, where)
+
+
+def _moe_row_lengths(config: ml_collections.ConfigDict, model):
+  """(length, description) of the rows the MoE layers see: data.seq_len,
+  and Lc in the MoD blocks that route the top-Lc tokens (moejax.models.mod:
+  decisions='topk', their MoE FFN sees [B, Lc] rows)."""
+  seq_len = config.data.seq_len
+  lengths = []
+  mod = getattr(model, 'mod', None)
+  mod_layers = (set(mod.layers(model.num_layers))
+                if mod is not None and mod.decisions == 'topk' else set())
+  if set(model.moe_layers) - mod_layers:
+    lengths.append((seq_len, ''))
+  if set(model.moe_layers) & mod_layers:
+    from moejax.models import mod as mod_lib  # pylint: disable=g-import-not-at-top
+    lc = mod_lib.capacity_tokens(mod.capacity, seq_len)
+    lengths.append((lc, f" in the Mixture-of-Depths blocks, whose MoE FFN "
+                        f"sees only the Lc={lc} selected tokens of a "
+                        f"sequence (model.mod.capacity={mod.capacity})"))
+  return lengths
+
+
+def _check_group_rows(config: ml_collections.ConfigDict, length: int,
+                      where: str) -> None:
+  """The group layout of one row length (see _check_groups)."""
+  moe, t = config.model.moe, config.train
+  micro = config_value(config, 'train.grad_accum_steps')
+  rows = t.batch_size // micro
+  tokens = rows * length
+  k = moe.group_sequences
+  batch = (f'{"micro-" if micro > 1 else ""}batch (train.batch_size='
+           f'{t.batch_size}' + (f' / train.grad_accum_steps={micro} '
+                                'micro-batches' if micro > 1 else ''))
+  if k is not None and rows % k:
     raise ValueError(
-        f'{_prefixed(ValueError(leak)).args[0]}, which the causal LM '
-        "must not see; allowed: model.moe.group_order='position' with "
-        f'group_size a multiple of {d.seq_len}, or a group_size dividing '
-        f'{d.seq_len} (or model.moe.allow_noncausal_routing=True).')
+        f'model.moe.group_sequences={k} does not divide the {rows} '
+        f'sequences of a {batch}); allowed values: None or a divisor of '
+        f'{rows}.')
+  group_size = grouping.group_tokens(moe.group_size, k, length)
+  if group_size and tokens % group_size:
+    also = (f'; or model.moe.group_sequences (groups of whole sequences, '
+            f'k * {length} tokens here)' if where else '')
+    raise ValueError(
+        f'model.moe.group_size={group_size} does not divide the {tokens} '
+        f'tokens of a {batch} x {"Lc" if where else "data.seq_len"}='
+        f'{length}){where}; allowed values: None or a divisor of '
+        f'{tokens}{also}.')
+  try:
+    leak = grouping.causal_group_leak(group_size, moe.group_order, length)
+  except ValueError as e:
+    raise ValueError(f'{_prefixed(e).args[0][:-1]}{where}.') from e
+  if (leak and config.model.task == 'lm' and
+      not moe.allow_noncausal_routing):
+    text = _prefixed(ValueError(leak)).args[0]
+    if k:
+      text = text.replace(f'model.moe.group_size={group_size}',
+                          f'model.moe.group_sequences={k} (S={group_size} '
+                          'tokens)', 1)
+    raise ValueError(
+        f'{text}{where}, which the '
+        "causal LM must not see; allowed: model.moe.group_order='position' "
+        f'with group_size a multiple of {length} (or group_sequences), or '
+        f'a group_size dividing {length} (or '
+        'model.moe.allow_noncausal_routing=True).')
 
 
 def _check_decoder(config: ml_collections.ConfigDict) -> None:

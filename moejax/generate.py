@@ -50,7 +50,7 @@ from moejax.models.transformer import TransformerLM
 
 # MoeLayer arguments set to None at inference: dropless, one group per call.
 NO_CAPACITY = {'capacity_factor': None, 'eval_capacity_factor': None,
-               'group_size': None}
+               'group_size': None, 'group_sequences': None}
 
 
 # ---------------------------------------------------------------- validation
@@ -150,8 +150,9 @@ def inference_model(model: TransformerLM) -> TransformerLM:
 
   Returns:
     `model` cloned with the moe mapping's capacity_factor,
-    eval_capacity_factor and group_size set to None (dropless, one group
-    per call); `model` itself when it has no MoE layers.
+    eval_capacity_factor, group_size and group_sequences set to None
+    (dropless, one group per call); `model` itself when it has no MoE
+    layers.
   """
   check_model(model)
   if model.moe is None:

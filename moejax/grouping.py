@@ -3,6 +3,14 @@
 Axis letters: B batch (sequences), L sequence length, D model width,
 G groups, S tokens per group, k = S / L sequences per group.
 
+A group's size is given in tokens (`group_size` = S) or in whole sequences
+(`group_sequences` = k, so S = k * L for rows of L tokens, whatever L is:
+the MoE layer of a Mixture-of-Depths block, whose rows hold only the Lc
+selected tokens, gets groups of k * Lc; `group_tokens`). In such a block
+the j-th token of a row is the j-th selected one, so 'position' order
+there is by rank among the selected tokens, not by position (the block's
+top-k selection in training is non-causal already: moejax.models.mod).
+
 Capacity is per group, so which tokens share a group, and in what order
 they claim slots, is part of the routing semantics.
 
@@ -47,6 +55,28 @@ def check_group_order(order: str) -> None:
   if order not in GROUP_ORDERS:
     raise ValueError(f'group_order={order!r} is not supported; allowed '
                      f'values: {", ".join(repr(o) for o in GROUP_ORDERS)}.')
+
+
+def group_tokens(group_size: Optional[int], group_sequences: Optional[int],
+                 seq_len: int) -> Optional[int]:
+  """S for rows of L = seq_len tokens, or None for one group per sequence.
+
+  Args:
+    group_size: S in tokens, or None.
+    group_sequences: k whole sequences per group (S = k * L), or None.
+    seq_len: L, the length of the rows the layer sees.
+
+  Raises:
+    ValueError naming both when both are set (one size, two ways).
+  """
+  if group_sequences is None:
+    return group_size
+  if group_size is not None:
+    raise ValueError(
+        f'group_size={group_size} and group_sequences={group_sequences} '
+        'both set the size of a routing group; allowed: one of them (the '
+        'other None).')
+  return group_sequences * seq_len
 
 
 def group_tokens_size(group_size: Optional[int], seq_len: int) -> int:

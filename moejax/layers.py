@@ -145,6 +145,9 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
   _check_positive_int('capacity_multiple_of', layer.capacity_multiple_of)
   if layer.group_size is not None:
     _check_positive_int('group_size', layer.group_size)
+  if layer.group_sequences is not None:
+    _check_positive_int('group_sequences', layer.group_sequences)
+  grouping.group_tokens(layer.group_size, layer.group_sequences, 1)
   grouping.check_group_order(layer.group_order)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
   routing.check_choice('priority', layer.priority, routing.PRIORITIES)
@@ -235,6 +238,8 @@ class MoeLayer(nn.Module):
       capacity_factor=None, the fast dropless path on CPU).
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     group_size: S; None = one group per sequence (S = L).
+    group_sequences: k, groups of k whole sequences (S = k * L for the
+      layer's input rows of L tokens); set it or group_size, not both.
     group_order: how groups are laid out (moejax.grouping): 'sequence'
       (the batch's tokens in order, cut every S) | 'position' (groups of
       S/L whole sequences, position-major: Switch/GShard's many-document
@@ -297,6 +302,7 @@ class MoeLayer(nn.Module):
   dispatcher: str = 'gather'
   activation: str = 'relu'
   group_size: Optional[int] = None
+  group_sequences: Optional[int] = None
   group_order: str = 'sequence'
   pad_to_group: bool = False
   causal: bool = False
@@ -328,10 +334,16 @@ class MoeLayer(nn.Module):
     """K after fine-graining: granularity * top_k."""
     return self.granularity * self.top_k
 
+  def _group_size(self, seq_len: int) -> Optional[int]:
+    """S for input rows of L = seq_len tokens (None: one per sequence)."""
+    return grouping.group_tokens(self.group_size, self.group_sequences,
+                                 seq_len)
+
   def _group(self, x: jax.Array, valid: jax.Array):
     """[B, L, D], [B, L] -> [G, S, D], [G, S] (moejax.grouping; a causal
     layer refuses a layout that lets a token see later positions)."""
-    leak = grouping.causal_group_leak(self.group_size, self.group_order,
+    group_size = self._group_size(x.shape[1])
+    leak = grouping.causal_group_leak(group_size, self.group_order,
                                       x.shape[1])
     if leak and self.causal and not self.allow_noncausal_routing:
       raise ValueError(
@@ -339,7 +351,7 @@ class MoeLayer(nn.Module):
           "group_order='position' (groups of whole sequences, "
           'position-major) or a group_size that divides the sequence '
           'length (or set allow_noncausal_routing=True to accept the leak).')
-    return grouping.to_groups(x, valid, self.group_size, self.group_order,
+    return grouping.to_groups(x, valid, group_size, self.group_order,
                               self.pad_to_group)
 
   def _capacity(self, spec: routers.RouterSpec, s: int,
@@ -449,7 +461,7 @@ class MoeLayer(nn.Module):
       valid = ~padding_mask.astype(bool)
     xg, valid_g = self._group(x, valid)  # [G, S, D], [G, S]
     y, aux = self._routed(xg, valid_g, deterministic)  # [G, S, D]
-    y = grouping.from_groups(y, b, l, self.group_size, self.group_order)
+    y = grouping.from_groups(y, b, l, self._group_size(l), self.group_order)
     if self.num_shared_experts:
       y = y + self._shared(x, valid).astype(y.dtype)
     return y, aux

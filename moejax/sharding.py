@@ -214,8 +214,11 @@ def check_moe_mesh(mesh: MeshLike, num_experts: int,
   if num_groups is not None and num_groups % shards:
     raise ValueError(
         f'the MoE layer has G={num_groups} groups (train.batch_size * '
-        'data.seq_len / model.moe.group_size), which must be divisible by '
-        f'the batch shards mesh.data * mesh.expert = {shards}.')
+        'data.seq_len / model.moe.group_size, or train.batch_size / '
+        'model.moe.group_sequences), which must be divisible by '
+        f'the batch shards mesh.data * mesh.expert = {shards}; allowed: '
+        'smaller groups (G a multiple of the batch shards) or fewer batch '
+        'shards.')
 
 
 def check_batch_size(mesh: MeshLike, batch_size: int) -> None:

@@ -213,7 +213,69 @@ def test_param_shapes_fit_any_group_layout():
   plain = TransformerLM(**base, moe=dict(num_experts=2))
   want = jax.tree.map(lambda a: a.shape, flops.param_shapes(plain, 8))
   for layout in (dict(group_size=32, group_order='position'),  # B = 4
-                 dict(group_size=12, allow_noncausal_routing=True)):  # B = 3
+                 dict(group_size=12, allow_noncausal_routing=True),  # B = 3
+                 dict(group_sequences=4, group_order='position')):  # B = 4
     model = TransformerLM(**base, moe=dict(num_experts=2, **layout))
     got = jax.tree.map(lambda a: a.shape, flops.param_shapes(model, 8))
     assert got == want
+
+
+def test_group_tokens_by_hand():
+  assert grouping.group_tokens(None, None, 5) is None  # one per sequence
+  assert grouping.group_tokens(7, None, 5) == 7  # tokens, as given
+  assert grouping.group_tokens(None, 3, 5) == 15  # 3 sequences of 5
+  assert grouping.group_tokens(None, 3, 2) == 6  # ... of 2 (e.g. MoD's Lc)
+  with pytest.raises(ValueError, match='group_size=6 and group_sequences=3 '
+                     'both set'):
+    grouping.group_tokens(6, 3, 2)
+  with pytest.raises(ValueError, match='group_size=8 and group_sequences=2'):
+    moejax.MoeLayer(num_experts=2, d_ff=4, group_size=8, group_sequences=2)
+
+
+@pytest.mark.parametrize('order', ['sequence', 'position'])
+def test_group_sequences_equals_group_size_of_whole_sequences(order):
+  """group_sequences=k routes exactly as group_size=k*L; with capacity 0.5
+  the groups' drops make the layout visible (one group per sequence
+  differs)."""
+  b, l = 4, 6
+  x = jax.random.normal(jax.random.key(3), (b, l, 8))
+  layer = moejax.MoeLayer(num_experts=4, d_ff=16, capacity_factor=0.5,
+                          eval_capacity_factor=0.5, group_size=2 * l,
+                          group_order=order)
+  variables = layer.init(init_key(0), x)
+  want, _ = layer.apply(variables, x)
+  got, _ = layer.clone(group_size=None, group_sequences=2).apply(variables,
+                                                                  x)
+  np.testing.assert_array_equal(got, want)
+  per_seq, _ = layer.clone(group_size=None).apply(variables, x)
+  assert not np.array_equal(per_seq, want)
+
+
+def test_mod_blocks_group_whole_selected_sequences():
+  """In a Mixture-of-Depths block the MoE FFN sees [B, Lc] rows: groups of
+  k sequences hold k * Lc tokens there and k * L in the other blocks, where
+  a group_size fits one of the two only."""
+  b, l, k = 4, 16, 2
+  moe = dict(num_experts=4, top_k=1, capacity_factor=1.0,
+             eval_capacity_factor=1.0, min_capacity=1, group_sequences=k,
+             group_order='position')
+  model = TransformerLM(num_layers=2, d_model=16, num_heads=2, d_ff=32,
+                        vocab_size=32, moe=moe,
+                        mod={'every': 2, 'capacity': 0.25})  # block 1: MoD
+  tokens = np.random.default_rng(0).integers(0, 32, (b, l)).astype(np.int32)
+  variables = jax.eval_shape(model.init, init_key(0), tokens)
+  _, state = jax.eval_shape(
+      lambda v, t: model.apply(v, t, mutable=['intermediates']), variables,
+      tokens)
+  shapes = {path[0].key: leaf.shape for path, leaf in
+            jax.tree_util.tree_flatten_with_path(state['intermediates'])[0]
+            if 'dispatched' in str(path)}
+  # Block 0: G = B / k = 2 groups of S = 2 * 16 = 32 tokens, C = 32 / 4 = 8
+  # slots per expert; block 1 (MoD, Lc = 0.25 * 16 = 4): 2 groups of
+  # S = 2 * 4 = 8 tokens, C = 8 / 4 = 2.
+  assert shapes['block_0'][:3] == (2, 4, 8), shapes
+  assert shapes['block_1'][:3] == (2, 4, 2), shapes
+  tokens_layout = dict(moe, group_sequences=None, group_size=k * l)
+  with pytest.raises(ValueError, match='group_size=32 .* groups 8 whole '
+                     'sequences, which does not divide the 4 sequences'):
+    jax.eval_shape(model.clone(moe=tokens_layout).init, init_key(0), tokens)

@@ -59,12 +59,13 @@ def on_tokens(a: jax.Array, model: nn.Module, b: int, l: int) -> jax.Array:
   """A router's [G, S, ...] array back on the tokens: [B, L, ...].
 
   Follows the layout of the model's MoE groups (`model.moe`'s group_size
-  and group_order, `moejax.grouping`); a model without a `moe` mapping is
-  read as one group per sequence.
+  or group_sequences and group_order, `moejax.grouping`); a model without
+  a `moe` mapping is read as one group per sequence.
   """
   moe = getattr(model, 'moe', None) or {}
-  return grouping.from_groups(a, b, l, moe.get('group_size'),
-                              moe.get('group_order', 'sequence'))
+  s = grouping.group_tokens(moe.get('group_size'),
+                            moe.get('group_sequences'), l)
+  return grouping.from_groups(a, b, l, s, moe.get('group_order', 'sequence'))
 
 
 def _routes_a_subset(decision: Any, b: int, l: int) -> bool:

@@ -55,6 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax import grouping
 from moejax.models.encoder import EncoderClassifier
 from moejax.models.transformer import TransformerLM
 
@@ -78,15 +79,17 @@ def param_shapes(model: Model, seq_len: Optional[int] = None):
     model: a TransformerLM or EncoderClassifier.
     seq_len: L of the dummy [B, L] input; default: the MoE group_size if
       set, else 8. B = S / gcd(S, L) sequences, so that routing groups of S
-      tokens divide the batch in either group order. Param shapes do not
-      depend on it.
+      tokens divide the batch in either group order (B = k with
+      group_sequences = k). Param shapes do not depend on it.
 
   Returns:
     A nested dict of jax.ShapeDtypeStruct, like `model.init(...)['params']`.
   """
-  group_size = (model.moe or {}).get('group_size')
+  moe = model.moe or {}
+  group_size = moe.get('group_size')
   seq_len = seq_len or group_size or 8
   batch = group_size // math.gcd(group_size, seq_len) if group_size else 1
+  batch = moe.get('group_sequences') or batch
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
   return variables['params']
@@ -115,7 +118,8 @@ def experts_per_token(moe, seq_len: int) -> float:
     cf = moe.get('capacity_factor', 1.25)
     return float(m * (moe['num_experts'] if cf is None else cf))
   if router == 'soft_moe':
-    s = moe.get('group_size') or seq_len
+    s = grouping.group_tokens(moe.get('group_size'),
+                              moe.get('group_sequences'), seq_len) or seq_len
     return m * moe['num_experts'] * moe.get('slots_per_expert', 1) / s
   return float(m * moe.get('top_k', 1))
 

@@ -63,7 +63,9 @@ def test_capture_is_independent_of_grouping(setup):
       # must opt in to the leak.
       dict(group_size=24, allow_noncausal_routing=True),
       # 4 sequences -> 2 groups of 3 (one padding sequence), interleaved.
-      dict(group_size=3 * L, group_order='position')):
+      dict(group_size=3 * L, group_order='position'),
+      # the same groups given in sequences
+      dict(group_sequences=3, group_order='position')):
     grouped = _model(pad_to_group=True, **layout)
     experts_g, valid_g, _ = capture.routing_outputs(grouped, params, batches)
     np.testing.assert_array_equal(experts['block_0'], experts_g['block_0'])

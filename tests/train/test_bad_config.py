@@ -35,6 +35,8 @@ BAD = [
       'dropless; got 0']),
     ('range', 'switch', 'model.moe.eval_capacity_factor', '-1',
      ['model.moe.eval_capacity_factor', 'got -1', '> 0, or None']),
+    ('range', 'switch', 'model.moe.group_sequences', '0',
+     ['model.moe.group_sequences must be an int >= 1, got 0']),
     ('range', 'switch', 'model.moe.num_experts', '-2',
      ['model.moe.num_experts=-2', '0 (dense) or an int >= 1']),
     ('range', 'switch', 'model.moe.min_capacity', '-1',
@@ -96,6 +98,14 @@ BAD = [
      ["model.moe.group_size=32 with model.moe.group_order='sequence'",
       "which the causal LM must not see; allowed: "
       "model.moe.group_order='position' with group_size a multiple of 16"]),
+    ('contradiction', 'switch', 'model.moe.group_sequences', '3',
+     ['model.moe.group_sequences=3 does not divide the 4 sequences of a '
+      'batch (train.batch_size=4)', 'None or a divisor of 4']),
+    # groups of 2 whole sequences (S = 2 * 16) in memory order: a leak
+    ('contradiction', 'switch', 'model.moe.group_sequences', '2',
+     ["model.moe.group_sequences=2 (S=32 tokens) with "
+      "model.moe.group_order='sequence'", 'which the causal LM must not '
+      "see; allowed: model.moe.group_order='position'"]),
     ('contradiction', 'switch', 'model.moe.first_dense_layers', '2',
      ['model.moe.first_dense_layers=2', 'leaves no MoE layer',
       'model.moe.first_dense_layers + model.moe.moe_every <= 2']),
@@ -153,6 +163,9 @@ BAD = [
     ('dense+moe', 'dense', 'model.moe.top_k', '2',
      ['model.moe.top_k=2 is an MoE-only setting',
       'the default 1, or set model.moe.num_experts >= 1']),
+    ('dense+moe', 'dense', 'model.moe.group_sequences', '2',
+     ['model.moe.group_sequences=2 is an MoE-only setting',
+      'the default None']),
     ('dense+moe', 'dense', 'model.moe.aux_loss_weight', '0.1',
      ['model.moe.aux_loss_weight=0.1', 'the default 0.01']),
     ('dense+moe', 'dense', 'model.moe.priority', 'score',
@@ -226,6 +239,25 @@ BAD_MESH_PAIRS = [
                 'model.moe.group_order': 'position'},
      ['G=2 groups', 'must be divisible by the batch shards mesh.data * '
       'mesh.expert = 4']),
+    ('switch', {'model.moe.group_size': 32, 'model.moe.group_sequences': 2,
+                'model.moe.group_order': 'position'},
+     ['model.moe.group_size=32 and model.moe.group_sequences=2 both set the '
+      'size of a routing group', 'one of them (the other None)']),
+    # 2 sequences per micro-batch: a group of 4 whole sequences cannot fit.
+    ('switch', {'train.grad_accum_steps': 2, 'model.moe.group_sequences': 4,
+                'model.moe.group_order': 'position'},
+     ['model.moe.group_sequences=4 does not divide the 2 sequences of a '
+      'micro-batch (train.batch_size=4 / train.grad_accum_steps=2',
+      'None or a divisor of 2']),
+    # Mixture-of-Depths blocks (every 2nd) route Lc = ceil(0.125 * 16) = 2
+    # tokens per sequence: 4 * 2 = 8 tokens, which S = 32 does not divide
+    # (the other blocks' 64 tokens it does); caught before the model runs.
+    ('mod', {'model.moe.num_experts': 4, 'model.moe.group_size': 32,
+             'model.moe.group_order': 'position'},
+     ['model.moe.group_size=32 does not divide the 8 tokens of a batch '
+      '(train.batch_size=4 x Lc=2) in the Mixture-of-Depths blocks',
+      'or model.moe.group_sequences (groups of whole sequences, k * 2 '
+      'tokens here)']),
     ('dense', {'mesh.data': -1, 'mesh.expert': -1},
      ['only one of mesh.data, mesh.expert, mesh.model may be -1; got -1 for '
       'mesh.data, mesh.expert']),
