@@ -4,8 +4,10 @@ experiments.X`: argparse through cli.Parser, a bad flag is one stderr line
 the program does and its exit codes.
 
 In-process and parse-only (nothing is timed, imported or trained): the
-programs without a test file of their own (bench_accumulate,
-benchmark_decode, hf_parity, hf_import_memory, finetune_baselines) get their flags checked here.
+programs without a test file of their own (bench_accumulate, bench_mesh,
+benchmark_decode, hf_parity, hf_import_memory, finetune_baselines) get
+their flags checked here (bench_mesh's meshes run in
+tests/sharding/multidevice_checks.py).
 """
 
 import ast
@@ -15,6 +17,7 @@ import os
 import pytest
 
 from experiments import bench_accumulate
+from experiments import bench_mesh
 from experiments import benchmark_decode
 from experiments import finetune_baselines
 from experiments import hf_import_memory
@@ -24,7 +27,8 @@ from tests.cli_helpers import assert_bad_flag
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # python -m experiments.X -> the module that parses its flags.
 PROGRAMS = {'bench_accumulate': 'bench_accumulate',
-            'benchmark': 'benchmark', 'benchmark_decode': 'benchmark_decode',
+            'bench_mesh': 'bench_mesh', 'benchmark': 'benchmark',
+            'benchmark_decode': 'benchmark_decode',
             'convert': 'convert', 'demo': 'demo',
             'finetune_baselines': 'finetune_baselines',
             'generate': 'generate', 'hf_import_memory': 'hf_import_memory',
@@ -90,6 +94,48 @@ def test_help_says_what_and_exit_codes(program, capsys):
   assert out.startswith(f'usage: python -m experiments.{program} ')
   assert 'exit codes' in out.lower()
   assert 'error: ' in out  # how a user error looks
+
+
+# ---------------------------------------------------------------- bench_mesh
+@pytest.mark.parametrize('argv, flag, allowed', [
+    (['--meshes', '1x1x1,2x4'], '--meshes', 'DATAxEXPERTxMODEL'),
+    (['--meshes', '0x1x1'], '--meshes', 'DATAxEXPERTxMODEL'),
+    (['--steps', '0'], '--steps', 'an int >= 1'),
+    (['--json', '/nonexistent/dir/a.json'], '--json', 'does not exist'),
+])
+def test_bench_mesh_bad_flag(capsys, argv, flag, allowed):
+  assert_bad_flag(capsys, bench_mesh.main, argv, flag, allowed)
+
+
+def test_bench_mesh_refuses_a_mesh_larger_than_the_devices(capsys):
+  # This process has 1 CPU device: a mesh of 2 is refused, naming how to
+  # get fake devices, before anything compiles (a config that does not fit
+  # a mesh: tests/sharding/trainer_checks.py).
+  assert bench_mesh.main(['--config', 'configs/switch.py:tiny',
+                          '--dense_config', '', '--meshes', '1x1x1,1x2x1']
+                         ) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert err == ['error: mesh 1x2x1 needs 2 devices but 1 are available; '
+                 'allowed: meshes of at most 1 devices; on CPU start with '
+                 'XLA_FLAGS=--xla_force_host_platform_device_count=2 '
+                 'PJRT_NPROC=4.']
+
+
+def test_bench_mesh_table_by_hand():
+  one, two = (1, 1, 1), (2, 1, 1)
+  times = {('moe', one): [2.0, 4.0, 3.0], ('dense', one): [1.0, 1.0, 1.0],
+           ('moe', two): [6.0], ('dense', two): [2.0]}
+  rows = bench_mesh.table_rows(times, {'moe': 300, 'dense': 300}, [one, two])
+  got = {(r['config'], r['mesh']): r for r in rows}
+  # moe on 1x1x1: median 3 s -> 300 / 3 = 100 tok/s, 3 / 1 x dense.
+  assert got['moe', '1x1x1']['tokens_per_s'] == 100.0
+  assert got['moe', '1x1x1']['ratio_to_dense'] == 3.0
+  assert got['moe', '1x1x1']['ratio_to_first_mesh'] == 1.0
+  # moe on 2x1x1: 6 / 2 = 3 x its dense, 6 / 3 = 2 x its first mesh.
+  assert got['moe', '2x1x1']['ratio_to_dense'] == 3.0
+  assert got['moe', '2x1x1']['ratio_to_first_mesh'] == 2.0
+  assert got['dense', '2x1x1']['ratio_to_dense'] is None
+  assert got['dense', '2x1x1']['ratio_to_first_mesh'] == 2.0
 
 
 # ---------------------------------------------------------- bench_accumulate

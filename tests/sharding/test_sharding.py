@@ -26,8 +26,8 @@ from tests.sharding import fake_devices
 
 CHECKS = [os.path.join('tests', 'sharding', name)
           for name in ('multidevice_checks.py', 'trainer_checks.py')]
-# Tests in CHECKS, parametrized cases counted: 19 layer + 6 trainer.
-NUM_CHECKS = 25
+# Tests in CHECKS, parametrized cases counted: 19 layer + 7 trainer.
+NUM_CHECKS = 26
 
 
 def test_multidevice_checks():

@@ -111,6 +111,51 @@ def test_five_steps_on_8_devices_match_1_device():
     assert json.load(f)['mesh'] == {'data': 2, 'expert': 4, 'model': 1}
 
 
+def _bench_config(kind: str):
+  """configs/<kind>.py:tiny shrunk like the runs above (no data needed)."""
+  config = config_lib.load_config(f'configs/{kind}.py:tiny')
+  for key, value in dict(
+      data__seq_len=16, data__example_len=helpers.DATA['example_len'],
+      data__vocab_size=helpers.DATA['vocab_size'],
+      data__num_train=helpers.DATA['num_train'],
+      data__num_eval=helpers.DATA['num_eval'], model__d_model=32,
+      model__d_ff=64, model__num_heads=2, model__num_layers=1,
+      train__batch_size=8).items():
+    section, name = key.split('__')
+    config[section][name] = value
+  return config
+
+
+def test_bench_mesh_runs_the_same_step_on_every_mesh():
+  """experiments.bench_mesh: the trainer's step of the MoE config on one
+  device and on the expert-parallel (2, 4, 1) mesh, the dense config's on
+  the mesh; both MoE variants reach the same params after their two steps
+  (warm-up and one timed), and every variant gets a timed row."""
+  from experiments import bench_mesh  # pylint: disable=import-outside-toplevel
+  one, eight = MESHES['one'], MESHES['eight']
+  variants = {
+      (kind, shape): bench_mesh._variant(  # pylint: disable=protected-access
+          bench_mesh.mesh_config(_bench_config(name), shape), shape)
+      for kind, name, shape in (('moe', 'switch', one),
+                                ('moe', 'switch', eight),
+                                ('dense', 'dense', eight))}
+  times, states = bench_mesh.time_variants(variants, 1, 1)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=RTOL,
+                                 atol=1e-7),
+               states['moe', eight].params, states['moe', one].params)
+  rows = bench_mesh.table_rows(times, {'moe': 128, 'dense': 128}, [one, eight])
+  got = {(r['config'], r['mesh']): r for r in rows}
+  assert set(got) == {('moe', '1x1x1'), ('moe', '2x4x1'), ('dense', '2x4x1')}
+  assert got['moe', '2x4x1']['ratio_to_dense'] > 0
+  assert got['moe', '1x1x1']['ratio_to_dense'] is None  # no dense pair
+  with pytest.raises(ValueError, match='mesh 16x1x1 needs 16 devices but 8 '
+                     'are available'):
+    bench_mesh.mesh_config(_bench_config('switch'), (16, 1, 1))
+  with pytest.raises(ValueError, match='train.batch_size=8 must be divisible '
+                     'by the batch shards mesh.data \\* mesh.expert = 3'):
+    bench_mesh.mesh_config(_bench_config('switch'), (3, 1, 1))
+
+
 def test_trainers_step_is_expert_parallel():
   # The program the (2, 4, 1) run trained with (same arguments as loop.py:
   # the persistent cache returns it without compiling again).
