@@ -11,13 +11,19 @@ the update of the whole batch. The objective summed over micro-batches is
 the whole batch's:
 
     loss = Σ_i nll_sum_i / N_targets + Σ_i (n_i / N) · extra_i
+                                     + Σ_i (g_i / G) · aux_loss_weight·aux_loss_i
 
-where extra_i = aux_loss_weight·aux_loss_i + z_loss_weight·z_loss_i
-(+ reg_loss_i)(+ mod_loss_i) and n_i / N is micro-batch i's share of the
-batch's valid (non-padding) input tokens. The LM loss is exact; the
-router z-loss and the 'batch' balance loss are exact too (means over
-valid tokens); the 'group' balance loss (a mean over groups) is exact when
-the micro-batches hold equally many valid tokens (always without padding).
+where extra_i = z_loss_weight·z_loss_i (+ reg_loss_i)(+ mod_loss_i), n_i / N
+is micro-batch i's share of the batch's valid (non-padding) input tokens,
+and g_i / G its share of the routing groups that hold a valid token
+(`group_shares`) under the 'group' balance-loss scope (n_i / N under
+'batch'). Every term is exact: the LM loss; the router z-loss and the
+'batch' balance loss (means over valid tokens); the 'group' balance loss (a
+mean over the groups that hold a valid token, which with padding are not
+spread over the micro-batches like the valid tokens are). One exception:
+a Mixture-of-Depths block's MoE with groups of a token count that cut its
+rows of selected tokens (`group_size` dividing Lc) has empty groups that
+depend on the selection; there the tokens' share weighs its groups.
 
 Whole-batch routing statistics. The 'batch' balance loss (Qiu et al.
 2025) needs the expert frequencies f of the whole step's batch, the
@@ -53,6 +59,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moejax import grouping
 from moejax import routing
 from moejax import sharding
 
@@ -113,12 +120,45 @@ def step_counts(count_fn: Callable[[jax.Array, jax.Array], Any],
   return jax.tree.map(lambda x: jax.lax.stop_gradient(x.sum(0)), per_micro)
 
 
-def combine_metrics(stacked: dict, shares: jax.Array) -> dict:
-  """[M, ...] per-micro-batch metrics -> the step's (see module doc)."""
+def group_shares(valid: jax.Array, moe: Optional[dict]) -> jax.Array:
+  """[M] each micro-batch's share of the step's non-empty routing groups.
+
+  Args:
+    valid: [M, B/M, L] bool, False at padding inputs.
+    moe: the model's MoeLayer kwargs (group_size, group_sequences,
+      group_order, pad_to_group; absent = MoeLayer's defaults), or None.
+
+  Returns:
+    [M] float32 summing to 1: groups of micro-batch i that hold a valid
+    token / those of all micro-batches. Example: per-sequence groups, rows
+    (3 valid, 0 valid | 2 valid, 5 valid) in M = 2 micro-batches -> (1/3,
+    2/3), where the valid tokens' shares are (3/10, 7/10).
+  """
+  moe = moe or {}
+  l = valid.shape[-1]
+  s = grouping.group_tokens(moe.get('group_size'), moe.get('group_sequences'),
+                            l)
+  order = moe.get('group_order', 'sequence')
+  pad = moe.get('pad_to_group', False)
+
+  def nonempty(v):  # [B/M, L] -> groups holding a valid token
+    _, vg = grouping.to_groups(v[..., None], v, s, order, pad)
+    return jnp.sum(jnp.any(vg, axis=-1).astype(jnp.float32))
+
+  counts = jax.vmap(nonempty)(valid)
+  return counts / jnp.maximum(counts.sum(), 1.0)
+
+
+def combine_metrics(stacked: dict, shares: jax.Array,
+                    aux_shares: Optional[jax.Array] = None) -> dict:
+  """[M, ...] per-micro-batch metrics -> the step's (see module doc);
+  'aux_loss' is weighted by `aux_shares` (default `shares`)."""
   out = {}
   for key, value in stacked.items():
     if key in SUMMED_METRICS:
       out[key] = value.sum(0)
     else:
-      out[key] = jnp.tensordot(shares, value.astype(jnp.float32), axes=1)
+      weights = aux_shares if (key == 'aux_loss' and
+                               aux_shares is not None) else shares
+      out[key] = jnp.tensordot(weights, value.astype(jnp.float32), axes=1)
   return out

@@ -240,6 +240,22 @@ def compute_loss(params: Any, model: nn.Module, tokens: jax.Array, *,
   return loss, metrics
 
 
+def _aux_shares(model: nn.Module, toks: jax.Array,
+                pad_id: Optional[int]) -> Optional[jax.Array]:
+  """[M] micro-batch weights of the 'group'-scope balance loss (their
+  shares of the non-empty routing groups, accumulate.group_shares), or
+  None (weighted like the valid tokens: 'batch' scope, no MoE)."""
+  moe = getattr(model, 'moe', None)
+  if not moe or moe.get('aux_loss_scope', 'group') != 'group':
+    return None
+
+  def valid(tokens):  # [B/M, L + 1] -> [B/M, L], False at padding inputs
+    padding = split_tokens(tokens, pad_id)[3]
+    return jnp.ones(tokens[:, :-1].shape, bool) if padding is None else ~padding
+
+  return accumulate.group_shares(jax.vmap(valid)(toks), moe)
+
+
 def _valid_inputs(tokens: jax.Array, pad_id: Optional[int]) -> jax.Array:
   """Number of non-padding input tokens of tokens [B, L + 1] (float32)."""
   _, _, _, padding = split_tokens(tokens, pad_id)
@@ -287,16 +303,24 @@ def _accumulated_grads(params: Any, model: nn.Module, tokens: jax.Array,
 
   counts = accumulate.step_counts(count_fn, toks, rngs)
   read_only = None if counts is None else {routing.STEP_COUNTS: counts}
+  aux_shares = _aux_shares(model, toks, pad_id)  # [M] or None
 
-  def objective(p, toks_i, labs_i, rng_i):
+  def weights(i, toks_i):
+    """(valid-token share, balance-loss share) of micro-batch i."""
+    share = _valid_inputs(toks_i, pad_id) / n_inputs
+    return share, (share if aux_shares is None else aux_shares[i])
+
+  def objective(p, i, toks_i, labs_i, rng_i):
     _, (metrics, new_state) = _apply_loss(
         p, model, toks_i, deterministic=False, rng=rng_i,
         aux_loss_weight=aux_loss_weight, z_loss_weight=z_loss_weight,
         pad_id=pad_id, model_state=model_state, update_state=True,
         labels=labs_i, read_only=read_only)
-    share = _valid_inputs(toks_i, pad_id) / n_inputs
-    extra = sum(_extra_loss_terms(metrics, aux_loss_weight, z_loss_weight))
-    loss = metrics['nll_sum'] / n_targets + share * extra
+    share, aux_share = weights(i, toks_i)
+    balance, *extra = _extra_loss_terms(metrics, aux_loss_weight,
+                                        z_loss_weight)
+    loss = (metrics['nll_sum'] / n_targets + aux_share * balance +
+            share * sum(extra))
     return loss, (metrics, new_state, share)
 
   def body(grads, xs):
@@ -306,8 +330,8 @@ def _accumulated_grads(params: Any, model: nn.Module, tokens: jax.Array,
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, (losses, stacked, states, shares) = jax.lax.scan(
-      body, zeros, (toks, labs, rngs))
-  metrics = accumulate.combine_metrics(stacked, shares)
+      body, zeros, (jnp.arange(micro), toks, labs, rngs))
+  metrics = accumulate.combine_metrics(stacked, shares, aux_shares)
   metrics['lm_loss'] = metrics['nll_sum'] / jnp.maximum(metrics['tokens'],
                                                         1.0)
   metrics['loss'] = losses.sum()

@@ -66,12 +66,34 @@ def test_micro_batches_are_consecutive_rows():
     accumulate.micro_batches(x, 3)
 
 
+def test_group_shares_by_hand():
+  # Per-sequence groups, L = 5: rows (3 valid, 0 valid | 2 valid, 5 valid)
+  # in M = 2 micro-batches: 1 and 2 non-empty groups -> (1/3, 2/3), where
+  # the valid tokens' shares would be (3/10, 7/10).
+  valid = np.arange(5)[None, :] < np.array([3, 0, 2, 5])[:, None]
+  valid = jnp.asarray(valid.reshape(2, 2, 5))
+  np.testing.assert_allclose(accumulate.group_shares(valid, {}),
+                             [1 / 3, 2 / 3])
+  # Groups of the 2 sequences of a micro-batch: one non-empty group each.
+  pairs = dict(group_sequences=2, group_order='position')
+  np.testing.assert_allclose(accumulate.group_shares(valid, pairs),
+                             [0.5, 0.5])
+  # Chunks of 5 tokens = one per sequence, the same as per-sequence groups.
+  np.testing.assert_allclose(
+      accumulate.group_shares(valid, dict(group_size=5)), [1 / 3, 2 / 3])
+
+
 CASES = {
     # Switch: per-group balance loss, capacity drops, groups of 2 whole
     # sequences (a micro-batch of 2 rows holds exactly one group).
     'group_scope_drops_position_groups': (
         dict(capacity_factor=0.5, group_size=2 * L, group_order='position'),
         2, False),
+    # Switch's per-group loss with padding: one group per sequence, so each
+    # micro-batch holds half the groups (weight 1/2) but 14 / 25 and 11 / 25
+    # of the valid tokens (rows 1 and 3 end early); weighting the balance
+    # loss by tokens would give another loss.
+    'group_scope_padded_sequences': (dict(capacity_factor=0.5), 2, True),
     # DeepSeek-style: sigmoid scores, top-2, the loss-free bias updated once
     # from the whole batch's counts; global-batch balancing ('batch': f of
     # the whole batch, P of each micro-batch, weighted by its valid tokens,
