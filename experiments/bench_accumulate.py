@@ -19,17 +19,13 @@ the loop cost anything.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
+from experiments import bench_common
 from experiments import cli
 from experiments import config_lib
 from experiments import model_config
@@ -57,15 +53,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       cli.choice(('group', 'batch')), "'group', 'batch'"),
                       default=('group', 'batch'), metavar='SCOPE[,...]',
                       help='model.moe.aux_loss_scope values')
-  parser.add_argument('--steps', type=positive, default=5,
-                      help='steps per timed round')
-  parser.add_argument('--repeats', type=positive, default=3,
-                      help='timed rounds (the median is reported)')
-  parser.add_argument('--json', metavar='FILE', help='also write the rows')
+  bench_common.add_step_timing_flags(parser, positive, steps=5)
   args = parser.parse_args(argv)
-  if args.json and not os.path.isdir(os.path.dirname(args.json) or '.'):
-    parser.error(f'argument --json: the folder of {args.json!r} does not '
-                 'exist')
+  bench_common.check_json_flag(parser, args)
   return args
 
 
@@ -105,16 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return cli.EXIT_USER_ERROR
   variants = {key: _variant(config) for key, config in configs.items()}
-  states = {}
-  for key, (step, state, tokens) in variants.items():  # compile + warm up
-    states[key] = jax.block_until_ready(step(state, tokens)[0])
-  times = {key: [] for key in variants}
-  for _ in range(args.repeats):
-    for key, (step, _, tokens) in variants.items():
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        states[key] = jax.block_until_ready(step(states[key], tokens)[0])
-      times[key].append((time.perf_counter() - start) / args.steps)
+  times, _ = bench_common.time_train_steps(variants, args.steps, args.repeats)
   rows = []
   for (scope, micro), per_step in times.items():
     seconds = statistics.median(per_step)
@@ -129,13 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'{r["scope"]:<6} {r["grad_accum_steps"]:>3} '
           f'{r["seconds_per_step"]:>8.3f} {ratio:>7}')
   if args.json:
-    meta = {'config': args.config, 'steps': args.steps,
-            'repeats': args.repeats, 'jax': jax.__version__,
-            'device': jax.devices()[0].device_kind,
-            'machine': f'{platform.machine()}, {jax.device_count()} '
-                       f'device(s)'}
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+    bench_common.write_rows_json(args.json, {
+        'config': args.config, 'steps': args.steps,
+        'repeats': args.repeats}, rows)
   return 0
 
 

@@ -12,6 +12,7 @@ is skipped, not run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -242,3 +243,55 @@ def matmul_row(settings: Settings, budget: Optional[int]) -> dict:
   if row['seconds']:
     row['flops_per_s'] = row['flops'] / row['seconds']
   return row
+
+
+def add_step_timing_flags(parser, positive, steps: int) -> None:
+  """--steps, --repeats and --json of the train-step benchmarks
+  (bench_accumulate, bench_mesh); `check_json_flag` after parsing."""
+  parser.add_argument('--steps', type=positive, default=steps,
+                      help='steps per timed round')
+  parser.add_argument('--repeats', type=positive, default=3,
+                      help='timed rounds (the median is reported)')
+  parser.add_argument('--json', metavar='FILE', help='also write the rows')
+
+
+def check_json_flag(parser, args) -> None:
+  """A one-line parser error unless --json's folder exists."""
+  if args.json and not os.path.isdir(os.path.dirname(args.json) or '.'):
+    parser.error(f'argument --json: the folder of {args.json!r} does not '
+                 'exist')
+
+
+def time_train_steps(variants: dict, steps: int, repeats: int):
+  """Train steps timed round-robin: every variant compiled and run once,
+  then `repeats` rounds of `steps` blocked steps of each in turn.
+
+  Args:
+    variants: {key: (jitted step (state, tokens) -> (state, metrics),
+      state, tokens)}; the step may donate the state.
+
+  Returns:
+    ({key: [seconds per step of each round]}, {key: its last state}).
+  """
+  states = {}
+  for key, (step, state, tokens) in variants.items():  # compile + warm up
+    states[key] = _block(step(state, tokens)[0])
+  times = {key: [] for key in variants}
+  for _ in range(repeats):
+    for key, (step, _, tokens) in variants.items():
+      start = time.perf_counter()
+      for _ in range(steps):
+        states[key] = _block(step(states[key], tokens)[0])
+      times[key].append((time.perf_counter() - start) / steps)
+  return times, states
+
+
+def write_rows_json(path: str, meta: dict, rows: list) -> None:
+  """{'meta': meta + jax version, backend, device and machine, 'rows'} as
+  JSON at `path` (the train-step benchmarks' --json)."""
+  meta = dict(meta, jax=jax.__version__, backend=jax.default_backend(),
+              device=jax.devices()[0].device_kind,
+              machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, '
+                      f'{jax.device_count()} device(s)')
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump({'meta': meta, 'rows': rows}, f, indent=1)

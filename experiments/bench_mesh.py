@@ -32,17 +32,14 @@ the collectives add to the same total work, not a speed-up.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
+from experiments import bench_common
 from experiments import cli
 from experiments import config_lib
 from experiments import model_config
@@ -80,15 +77,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       _mesh_shape, 'DATAxEXPERTxMODEL shapes, e.g. 1x1x1,2x4x1'),
                       default=DEFAULT_MESHES, metavar='DxExM[,...]',
                       help='the meshes, the first one the reference')
-  parser.add_argument('--steps', type=positive, default=3,
-                      help='steps per timed round')
-  parser.add_argument('--repeats', type=positive, default=3,
-                      help='timed rounds (the median is reported)')
-  parser.add_argument('--json', metavar='FILE', help='also write the rows')
+  bench_common.add_step_timing_flags(parser, positive, steps=3)
   args = parser.parse_args(argv)
-  if args.json and not os.path.isdir(os.path.dirname(args.json) or '.'):
-    parser.error(f'argument --json: the folder of {args.json!r} does not '
-                 'exist')
+  bench_common.check_json_flag(parser, args)
   return args
 
 
@@ -138,26 +129,6 @@ def _variant(config, shape: Sequence[int]):
   return step, state, tokens
 
 
-def time_variants(variants: dict, steps: int, repeats: int):
-  """Every variant compiled and run once, then `repeats` round-robin rounds
-  of `steps` blocked steps each.
-
-  Returns:
-    ({key: [seconds per step of each round]}, {key: its last state}).
-  """
-  states = {}
-  for key, (step, state, tokens) in variants.items():  # compile + warm up
-    states[key] = jax.block_until_ready(step(state, tokens)[0])
-  times = {key: [] for key in variants}
-  for _ in range(repeats):
-    for key, (step, _, tokens) in variants.items():
-      start = time.perf_counter()
-      for _ in range(steps):
-        states[key] = jax.block_until_ready(step(states[key], tokens)[0])
-      times[key].append((time.perf_counter() - start) / steps)
-  return times, states
-
-
 def table_rows(times: dict, tokens_per_step: dict, meshes) -> list:
   """Rows (config, mesh, seconds_per_step, tokens_per_s, ratio_to_dense,
   ratio_to_first_mesh) from the round times of each (config, mesh)."""
@@ -201,18 +172,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      for k, c in bases.items()}
   variants = {key: _variant(config, key[1])
               for key, config in configs.items()}
-  times, _ = time_variants(variants, args.steps, args.repeats)
+  times, _ = bench_common.time_train_steps(variants, args.steps,
+                                           args.repeats)
   rows = table_rows(times, tokens_per_step, list(args.meshes))
   _print(rows)
   if args.json:
-    meta = {'config': args.config, 'dense_config': args.dense_config,
-            'steps': args.steps, 'repeats': args.repeats,
-            'jax': jax.__version__, 'backend': jax.default_backend(),
-            'device': jax.devices()[0].device_kind,
-            'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores, '
-                       f'{jax.device_count()} device(s)'}
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+    bench_common.write_rows_json(args.json, {
+        'config': args.config, 'dense_config': args.dense_config,
+        'steps': args.steps, 'repeats': args.repeats}, rows)
   return 0
 
 

@@ -131,7 +131,9 @@ def test_bench_mesh_runs_the_same_step_on_every_mesh():
   device and on the expert-parallel (2, 4, 1) mesh, the dense config's on
   the mesh; both MoE variants reach the same params after their two steps
   (warm-up and one timed), and every variant gets a timed row."""
-  from experiments import bench_mesh  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from experiments import bench_common
+  from experiments import bench_mesh
   one, eight = MESHES['one'], MESHES['eight']
   variants = {
       (kind, shape): bench_mesh._variant(  # pylint: disable=protected-access
@@ -139,7 +141,7 @@ def test_bench_mesh_runs_the_same_step_on_every_mesh():
       for kind, name, shape in (('moe', 'switch', one),
                                 ('moe', 'switch', eight),
                                 ('dense', 'dense', eight))}
-  times, states = bench_mesh.time_variants(variants, 1, 1)
+  times, states = bench_common.time_train_steps(variants, 1, 1)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=RTOL,
                                  atol=1e-7),
                states['moe', eight].params, states['moe', one].params)
