@@ -248,20 +248,19 @@ def _aux_shares(model: nn.Module, toks: jax.Array,
   moe = getattr(model, 'moe', None)
   if not moe or moe.get('aux_loss_scope', 'group') != 'group':
     return None
+  valid = jax.vmap(lambda t: _valid_input_mask(t, pad_id))(toks)
+  return accumulate.group_shares(valid, moe)
 
-  def valid(tokens):  # [B/M, L + 1] -> [B/M, L], False at padding inputs
-    padding = split_tokens(tokens, pad_id)[3]
-    return jnp.ones(tokens[:, :-1].shape, bool) if padding is None else ~padding
 
-  return accumulate.group_shares(jax.vmap(valid)(toks), moe)
+def _valid_input_mask(tokens: jax.Array, pad_id: Optional[int]) -> jax.Array:
+  """[B, L] bool of tokens [B, L + 1]: False at padding inputs."""
+  padding = split_tokens(tokens, pad_id)[3]
+  return jnp.ones(tokens[:, :-1].shape, bool) if padding is None else ~padding
 
 
 def _valid_inputs(tokens: jax.Array, pad_id: Optional[int]) -> jax.Array:
   """Number of non-padding input tokens of tokens [B, L + 1] (float32)."""
-  _, _, _, padding = split_tokens(tokens, pad_id)
-  if padding is None:
-    return jnp.asarray(tokens.shape[0] * (tokens.shape[1] - 1), jnp.float32)
-  return jnp.sum(~padding).astype(jnp.float32)
+  return jnp.sum(_valid_input_mask(tokens, pad_id)).astype(jnp.float32)
 
 
 def _task_count(model: nn.Module, tokens: jax.Array,
