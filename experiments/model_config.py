@@ -22,6 +22,7 @@ from experiments.config_keys import require as _require
 from moejax import ACTIVATIONS
 from moejax import grouping
 from moejax.models import EncoderClassifier, TransformerLM
+from moejax.models import mod as mod_lib
 
 # float16 is left out: it would need loss scaling.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -179,7 +180,6 @@ def _moe_row_lengths(config: ml_collections.ConfigDict, model):
   if set(model.moe_layers) - mod_layers:
     lengths.append((seq_len, ''))
   if set(model.moe_layers) & mod_layers:
-    from moejax.models import mod as mod_lib  # pylint: disable=g-import-not-at-top
     lc = mod_lib.capacity_tokens(mod.capacity, seq_len)
     lengths.append((lc, f" in the Mixture-of-Depths blocks, whose MoE FFN "
                         f"sees only the Lc={lc} selected tokens of a "
