@@ -46,7 +46,7 @@ from experiments import model_config
 from experiments import train as train_cli
 from moejax import sharding
 from moejax.train import make_train_step
-from moejax.train import state as state_lib
+from moejax.train import create_train_state
 
 EPILOG = """exit codes: 0 ok, 2 bad flag, config or mesh (one line on stderr,
   e.g. error: mesh 1x8x1 needs 8 devices but 1 are available; ...)."""
@@ -112,12 +112,8 @@ def _variant(config, shape: Sequence[int]):
   model = config_lib.build_model(config)
   optimizer, _ = config_lib.build_optimizer(config)
   b, l = config.train.batch_size, config.data.seq_len
-  abstract = state_lib.abstract_train_state(model, optimizer, (b, l), mesh)
-  shardings = sharding.tree_shardings(abstract, mesh)
-  state = state_lib.create_train_state(
-      model, optimizer, (b, l), seed=0, mesh=mesh,
-      initializer=state_lib.train_state_initializer(model, optimizer, (b, l),
-                                                    shardings))
+  state = create_train_state(model, optimizer, (b, l), seed=0, mesh=mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, state)
   moe = config.model.moe
   step = make_train_step(model, optimizer, seed=0,
                          aux_loss_weight=moe.aux_loss_weight,
