@@ -32,7 +32,7 @@ NULLABLE = {
     'model.moe.capacity_factor': float,  # None -> dropless
     'model.moe.eval_capacity_factor': float,
     'model.moe.group_size': int,  # None -> one group per sequence
-    'model.moe.group_sequences': int,  # None -> group_size decides
+    'model.moe.group_sequences': int,  # None -> group_size; -1 -> batch
     'model.moe.topk_groups': int,  # None -> every expert group selectable
     'model.moe.shared_d_ff': int,  # None -> d_ff // granularity
     'model.vocab_size': int,  # None -> the data's vocabulary (V)
@@ -151,9 +151,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_null_experts=0,
       # Routing groups: None = one per sequence; group_size=k * seq_len or
       # group_sequences=k (k whole sequences, whatever length the MoE rows
-      # have: Lc in Mixture-of-Depths blocks) with group_order='position'
-      # = Switch/GShard's groups of k documents, position-major
-      # (causal-safe; moejax/grouping.py).
+      # have: Lc in Mixture-of-Depths blocks; -1: the whole batch) with
+      # group_order='position' = Switch/GShard's groups of k documents,
+      # position-major (causal-safe; moejax/grouping.py).
       group_size=None, group_sequences=None, group_order='sequence',
       moe_every=1, first_dense_layers=0,
       dense_layers=[],  # further always-dense blocks (Qwen mlp_only_layers)

@@ -378,8 +378,15 @@ def check_mesh_fit(config: ml_collections.ConfigDict,
         f'{t.batch_size // shards}.')
   if expert_bank:
     s = grouping.group_tokens(moe.group_size, moe.get('group_sequences'),
-                              d.seq_len) or d.seq_len
+                              d.seq_len, rows) or d.seq_len
     groups = -(-rows * d.seq_len // s)
+    if moe.get('group_sequences') == grouping.WHOLE_BATCH and shards > 1:
+      raise ValueError(
+          f'model.moe.group_sequences=-1 makes one routing group of the '
+          f'whole batch, which the batch shards mesh.data * mesh.expert = '
+          f'{shards} cannot split; allowed: model.moe.group_sequences = a '
+          f'divisor of {rows // shards} (the sequences of one batch shard), '
+          'or None (one group per sequence).')
     sharding.check_moe_mesh(mesh, experts, groups)
 
 

@@ -100,7 +100,8 @@ def _moe_block_bytes(moe: dict, batch: int, seq_len: int, d_model: int,
   experts, top_k = m * moe['num_experts'], m * moe.get('top_k', 1)
   width = d_ff // m
   s = grouping.group_tokens(moe.get('group_size'),
-                            moe.get('group_sequences'), seq_len) or seq_len
+                            moe.get('group_sequences'), seq_len,
+                            batch) or seq_len
   groups = -(-batch * seq_len // s)
   router = moe.get('router', 'topk')
   if router == 'soft_moe':

@@ -158,10 +158,12 @@ def _check_groups(config: ml_collections.ConfigDict, model) -> None:
   moe = config.model.moe
   k = moe.group_sequences
   if k is not None:
-    _require('model.moe.group_sequences', k, _is_int(k) and k >= 1,
-             'None (one group per sequence) or an int >= 1')
+    _require('model.moe.group_sequences', k,
+             _is_int(k) and (k >= 1 or k == grouping.WHOLE_BATCH),
+             'None (one group per sequence), an int >= 1, or -1 (one group '
+             'of the whole batch)')
   try:
-    grouping.group_tokens(moe.group_size, k, 1)
+    grouping.group_tokens(moe.group_size, k, 1, 1)
   except ValueError as e:
     raise _prefixed(e) from e
   for length, where in _moe_row_lengths(config, model):
@@ -198,12 +200,20 @@ def _check_group_rows(config: ml_collections.ConfigDict, length: int,
   batch = (f'{"micro-" if micro > 1 else ""}batch (train.batch_size='
            f'{t.batch_size}' + (f' / train.grad_accum_steps={micro} '
                                 'micro-batches' if micro > 1 else ''))
-  if k is not None and rows % k:
+  if k == grouping.WHOLE_BATCH and micro > 1:
+    raise ValueError(
+        f'model.moe.group_sequences=-1 makes one routing group of the whole '
+        f'batch, but train.grad_accum_steps={micro} runs micro-batches of '
+        f'{rows} sequences, each of which would be its own group (the '
+        'accumulated step would not be the whole-batch step); allowed: '
+        f'model.moe.group_sequences = a divisor of {rows}, or '
+        'train.grad_accum_steps=1.')
+  if k is not None and k != grouping.WHOLE_BATCH and rows % k:
     raise ValueError(
         f'model.moe.group_sequences={k} does not divide the {rows} '
         f'sequences of a {batch}); allowed values: None or a divisor of '
         f'{rows}.')
-  group_size = grouping.group_tokens(moe.group_size, k, length)
+  group_size = grouping.group_tokens(moe.group_size, k, length, rows)
   if group_size and tokens % group_size:
     also = (f'; or model.moe.group_sequences (groups of whole sequences, '
             f'k * {length} tokens here)' if where else '')

@@ -4,7 +4,8 @@ Axis letters: B batch (sequences), L sequence length, D model width,
 G groups, S tokens per group, k = S / L sequences per group.
 
 A group's size is given in tokens (`group_size` = S) or in whole sequences
-(`group_sequences` = k, so S = k * L for rows of L tokens, whatever L is:
+(`group_sequences` = k, so S = k * L for rows of L tokens, whatever L is;
+k = -1, `WHOLE_BATCH`: one group of all the B rows the layer is called on:
 the MoE layer of a Mixture-of-Depths block, whose rows hold only the Lc
 selected tokens, gets groups of k * Lc; `group_tokens`). In such a block
 the j-th token of a row is the j-th selected one, so 'position' order
@@ -48,6 +49,9 @@ import jax
 import jax.numpy as jnp
 
 GROUP_ORDERS = ('sequence', 'position')
+# group_sequences = WHOLE_BATCH: one group holds every sequence of the batch
+# the layer is called on (k = B), Switch / GShard's group of a whole batch.
+WHOLE_BATCH = -1
 
 
 def check_group_order(order: str) -> None:
@@ -58,16 +62,19 @@ def check_group_order(order: str) -> None:
 
 
 def group_tokens(group_size: Optional[int], group_sequences: Optional[int],
-                 seq_len: int) -> Optional[int]:
+                 seq_len: int, batch: Optional[int] = None) -> Optional[int]:
   """S for rows of L = seq_len tokens, or None for one group per sequence.
 
   Args:
     group_size: S in tokens, or None.
-    group_sequences: k whole sequences per group (S = k * L), or None.
+    group_sequences: k whole sequences per group (S = k * L), WHOLE_BATCH
+      (-1: k = B, one group of the whole batch), or None.
     seq_len: L, the length of the rows the layer sees.
+    batch: B, the rows the layer sees; needed only for WHOLE_BATCH.
 
   Raises:
-    ValueError naming both when both are set (one size, two ways).
+    ValueError naming both when both are set (one size, two ways), or
+    WHOLE_BATCH without a batch size.
   """
   if group_sequences is None:
     return group_size
@@ -76,7 +83,21 @@ def group_tokens(group_size: Optional[int], group_sequences: Optional[int],
         f'group_size={group_size} and group_sequences={group_sequences} '
         'both set the size of a routing group; allowed: one of them (the '
         'other None).')
-  return group_sequences * seq_len
+  return sequences_per_group(group_sequences, batch) * seq_len
+
+
+def sequences_per_group(group_sequences: int, batch: Optional[int]) -> int:
+  """k: `group_sequences`, or B for WHOLE_BATCH (-1).
+
+  Raises:
+    ValueError for WHOLE_BATCH when the batch size B is not known.
+  """
+  if group_sequences != WHOLE_BATCH:
+    return group_sequences
+  if batch is None:
+    raise ValueError('group_sequences=-1 (one group of the whole batch) '
+                     'needs the batch size B; pass batch=B.')
+  return batch
 
 
 def group_tokens_size(group_size: Optional[int], seq_len: int) -> int:

@@ -80,6 +80,22 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> None:
     raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
 
 
+def _check_group_sequences(k, router: str) -> None:
+  """group_sequences: None, an int >= 1, or -1 (grouping.WHOLE_BATCH; not
+  with Soft MoE, whose slots per token would follow the batch size)."""
+  if k is None:
+    return
+  if k != grouping.WHOLE_BATCH and (
+      isinstance(k, bool) or not isinstance(k, int) or k < 1):
+    raise ValueError('group_sequences must be None (one group per '
+                     'sequence), an int >= 1, or -1 (one group of the '
+                     f'whole batch); got {k!r}.')
+  if k == grouping.WHOLE_BATCH and router == 'soft_moe':
+    raise ValueError("group_sequences=-1 (one group of the whole batch) is "
+                     "not supported with router='soft_moe'; allowed: None "
+                     'or an int >= 1.')
+
+
 def _check_capacity_factor(name: str, value) -> None:
   if value is None:
     return
@@ -145,9 +161,8 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
   _check_positive_int('capacity_multiple_of', layer.capacity_multiple_of)
   if layer.group_size is not None:
     _check_positive_int('group_size', layer.group_size)
-  if layer.group_sequences is not None:
-    _check_positive_int('group_sequences', layer.group_sequences)
-  grouping.group_tokens(layer.group_size, layer.group_sequences, 1)
+  _check_group_sequences(layer.group_sequences, layer.router)
+  grouping.group_tokens(layer.group_size, layer.group_sequences, 1, 1)
   grouping.check_group_order(layer.group_order)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
   routing.check_choice('priority', layer.priority, routing.PRIORITIES)
@@ -239,7 +254,9 @@ class MoeLayer(nn.Module):
     activation: 'relu' | 'gelu' | 'swiglu' | 'geglu'.
     group_size: S; None = one group per sequence (S = L).
     group_sequences: k, groups of k whole sequences (S = k * L for the
-      layer's input rows of L tokens); set it or group_size, not both.
+      layer's input rows of L tokens), or -1 (grouping.WHOLE_BATCH): one
+      group of all B input rows (S = B * L); set it or group_size, not
+      both.
     group_order: how groups are laid out (moejax.grouping): 'sequence'
       (the batch's tokens in order, cut every S) | 'position' (groups of
       S/L whole sequences, position-major: Switch/GShard's many-document
@@ -334,15 +351,16 @@ class MoeLayer(nn.Module):
     """K after fine-graining: granularity * top_k."""
     return self.granularity * self.top_k
 
-  def _group_size(self, seq_len: int) -> Optional[int]:
-    """S for input rows of L = seq_len tokens (None: one per sequence)."""
+  def _group_size(self, batch: int, seq_len: int) -> Optional[int]:
+    """S for B = batch input rows of L = seq_len tokens (None: one group
+    per sequence)."""
     return grouping.group_tokens(self.group_size, self.group_sequences,
-                                 seq_len)
+                                 seq_len, batch)
 
   def _group(self, x: jax.Array, valid: jax.Array):
     """[B, L, D], [B, L] -> [G, S, D], [G, S] (moejax.grouping; a causal
     layer refuses a layout that lets a token see later positions)."""
-    group_size = self._group_size(x.shape[1])
+    group_size = self._group_size(*x.shape[:2])
     leak = grouping.causal_group_leak(group_size, self.group_order,
                                       x.shape[1])
     if leak and self.causal and not self.allow_noncausal_routing:
@@ -461,7 +479,8 @@ class MoeLayer(nn.Module):
       valid = ~padding_mask.astype(bool)
     xg, valid_g = self._group(x, valid)  # [G, S, D], [G, S]
     y, aux = self._routed(xg, valid_g, deterministic)  # [G, S, D]
-    y = grouping.from_groups(y, b, l, self._group_size(l), self.group_order)
+    y = grouping.from_groups(y, b, l, self._group_size(b, l),
+                             self.group_order)
     if self.num_shared_experts:
       y = y + self._shared(x, valid).astype(y.dtype)
     return y, aux

@@ -214,7 +214,8 @@ def test_param_shapes_fit_any_group_layout():
   want = jax.tree.map(lambda a: a.shape, flops.param_shapes(plain, 8))
   for layout in (dict(group_size=32, group_order='position'),  # B = 4
                  dict(group_size=12, allow_noncausal_routing=True),  # B = 3
-                 dict(group_sequences=4, group_order='position')):  # B = 4
+                 dict(group_sequences=4, group_order='position'),  # B = 4
+                 dict(group_sequences=-1, group_order='position')):  # B = 1
     model = TransformerLM(**base, moe=dict(num_experts=2, **layout))
     got = jax.tree.map(lambda a: a.shape, flops.param_shapes(model, 8))
     assert got == want
@@ -230,6 +231,17 @@ def test_group_tokens_by_hand():
     grouping.group_tokens(6, 3, 2)
   with pytest.raises(ValueError, match='group_size=8 and group_sequences=2'):
     moejax.MoeLayer(num_experts=2, d_ff=4, group_size=8, group_sequences=2)
+  # -1: the whole batch, k = B: 4 sequences of 5.
+  assert grouping.group_tokens(None, grouping.WHOLE_BATCH, 5, 4) == 20
+  with pytest.raises(ValueError, match='needs the batch size B'):
+    grouping.group_tokens(None, -1, 5)
+  for bad in (0, -2):
+    with pytest.raises(ValueError, match=f'group_sequences must be None '
+                       f'.*, an int >= 1, or -1 .*; got {bad}'):
+      moejax.MoeLayer(num_experts=2, d_ff=4, group_sequences=bad)
+  with pytest.raises(ValueError, match="not supported with router='soft_"):
+    moejax.MoeLayer(num_experts=2, d_ff=4, router='soft_moe',
+                    group_sequences=-1)
 
 
 @pytest.mark.parametrize('order', ['sequence', 'position'])
@@ -249,6 +261,25 @@ def test_group_sequences_equals_group_size_of_whole_sequences(order):
   np.testing.assert_array_equal(got, want)
   per_seq = run(layer.clone(group_size=None))
   assert not np.array_equal(per_seq, want)
+
+
+def test_whole_batch_group_follows_the_batch():
+  """group_sequences=-1 is one group of every row the layer is called on:
+  group_sequences=B at B = 4, and at B = 2 (half the rows) the same as
+  group_sequences=2; capacity 0.5 makes the layout visible (groups of 2
+  sequences differ from one group of 4)."""
+  b, l = 4, 6
+  x = jax.random.normal(jax.random.key(3), (b, l, 8))
+  layer = moejax.MoeLayer(num_experts=4, d_ff=16, capacity_factor=0.5,
+                          eval_capacity_factor=0.5, group_sequences=-1,
+                          group_order='position')
+  variables = jax.jit(layer.init)(init_key(0), x)
+  run = lambda m, v: jax.jit(m.apply)(variables, v)[0]
+  whole = run(layer, x)
+  np.testing.assert_array_equal(whole, run(layer.clone(group_sequences=4), x))
+  assert not np.array_equal(whole, run(layer.clone(group_sequences=2), x))
+  np.testing.assert_array_equal(run(layer, x[:2]),
+                                run(layer.clone(group_sequences=2), x[:2]))
 
 
 def test_mod_blocks_group_whole_selected_sequences():

@@ -64,7 +64,7 @@ def on_tokens(a: jax.Array, model: nn.Module, b: int, l: int) -> jax.Array:
   """
   moe = getattr(model, 'moe', None) or {}
   s = grouping.group_tokens(moe.get('group_size'),
-                            moe.get('group_sequences'), l)
+                            moe.get('group_sequences'), l, b)
   return grouping.from_groups(a, b, l, s, moe.get('group_order', 'sequence'))
 
 

@@ -80,7 +80,8 @@ def param_shapes(model: Model, seq_len: Optional[int] = None):
     seq_len: L of the dummy [B, L] input; default: the MoE group_size if
       set, else 8. B = S / gcd(S, L) sequences, so that routing groups of S
       tokens divide the batch in either group order (B = k with
-      group_sequences = k). Param shapes do not depend on it.
+      group_sequences = k; 1 with WHOLE_BATCH). Param shapes do not depend
+      on it.
 
   Returns:
     A nested dict of jax.ShapeDtypeStruct, like `model.init(...)['params']`.
@@ -89,7 +90,8 @@ def param_shapes(model: Model, seq_len: Optional[int] = None):
   group_size = moe.get('group_size')
   seq_len = seq_len or group_size or 8
   batch = group_size // math.gcd(group_size, seq_len) if group_size else 1
-  batch = moe.get('group_sequences') or batch
+  k = moe.get('group_sequences')
+  batch = k if k and k != grouping.WHOLE_BATCH else batch
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
   return variables['params']

@@ -135,9 +135,9 @@ def group_shares(valid: jax.Array, moe: Optional[dict]) -> jax.Array:
     2/3), where the valid tokens' shares are (3/10, 7/10).
   """
   moe = moe or {}
-  l = valid.shape[-1]
+  b, l = valid.shape[-2:]
   s = grouping.group_tokens(moe.get('group_size'), moe.get('group_sequences'),
-                            l)
+                            l, b)
   order = moe.get('group_order', 'sequence')
   pad = moe.get('pad_to_group', False)
 

@@ -78,6 +78,10 @@ def test_group_shares_by_hand():
   pairs = dict(group_sequences=2, group_order='position')
   np.testing.assert_allclose(accumulate.group_shares(valid, pairs),
                              [0.5, 0.5])
+  # -1: a micro-batch's rows are one group (the layer sees B/M rows).
+  whole = dict(group_sequences=-1, group_order='position')
+  np.testing.assert_allclose(accumulate.group_shares(valid, whole),
+                             [0.5, 0.5])
   # Chunks of 5 tokens = one per sequence, the same as per-sequence groups.
   np.testing.assert_allclose(
       accumulate.group_shares(valid, dict(group_size=5)), [1 / 3, 2 / 3])

@@ -36,7 +36,10 @@ BAD = [
     ('range', 'switch', 'model.moe.eval_capacity_factor', '-1',
      ['model.moe.eval_capacity_factor', 'got -1', '> 0, or None']),
     ('range', 'switch', 'model.moe.group_sequences', '0',
-     ['model.moe.group_sequences must be an int >= 1, got 0']),
+     ['model.moe.group_sequences must be None (one group per sequence), an '
+      'int >= 1, or -1 (one group of the whole batch); got 0']),
+    ('range', 'switch', 'model.moe.group_sequences', '-2',
+     ['model.moe.group_sequences must be', 'an int >= 1, or -1', 'got -2']),
     ('range', 'switch', 'model.moe.num_experts', '-2',
      ['model.moe.num_experts=-2', '0 (dense) or an int >= 1']),
     ('range', 'switch', 'model.moe.min_capacity', '-1',
@@ -258,6 +261,20 @@ BAD_MESH_PAIRS = [
       '(train.batch_size=4 x Lc=2) in the Mixture-of-Depths blocks',
       'or model.moe.group_sequences (groups of whole sequences, k * 2 '
       'tokens here)']),
+    # One group of the whole batch (-1): each micro-batch would be its own
+    # group; on a mesh, 2 batch shards cannot split one group.
+    ('switch', {'train.grad_accum_steps': 2, 'model.moe.group_sequences': -1,
+                'model.moe.group_order': 'position'},
+     ['model.moe.group_sequences=-1 makes one routing group of the whole '
+      'batch, but train.grad_accum_steps=2 runs micro-batches of 2 '
+      'sequences', 'allowed: model.moe.group_sequences = a divisor of 2, or '
+      'train.grad_accum_steps=1']),
+    ('switch', {'mesh.data': 2, 'model.moe.group_sequences': -1,
+                'model.moe.group_order': 'position'},
+     ['model.moe.group_sequences=-1 makes one routing group of the whole '
+      'batch, which the batch shards mesh.data * mesh.expert = 2 cannot '
+      'split', 'allowed: model.moe.group_sequences = a divisor of 2 (the '
+      'sequences of one batch shard)']),
     ('dense', {'mesh.data': -1, 'mesh.expert': -1},
      ['only one of mesh.data, mesh.expert, mesh.model may be -1; got -1 for '
       'mesh.data, mesh.expert']),
