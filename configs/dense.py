@@ -14,7 +14,8 @@ other jobs (re-runs with the same JAX version reproduce the losses exactly):
   tiny   300 steps, ~25 s wall on 2 CPU cores; final eval loss 4.19
          nats/token, excess over the Bayes floor (~1.52) 2.67.
   small  1000 steps, ~4-5 min; eval loss 2.46, excess 0.97 (switch
-         2.33 / 0.84, gshard 2.21 / 0.72).
+         2.27 / 0.78, gshard 2.15 / 0.65; with one routing group per
+         sequence 2.33 / 0.84 and 2.21 / 0.72).
 """
 
 from configs import base

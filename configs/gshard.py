@@ -9,10 +9,11 @@ Variants `tiny` (default) and `small`; any key can be overridden, e.g.
 `--config.train.steps=50`. Measured on 2 CPU cores shared with other jobs
 (sizes in configs/base.py; re-runs with the same JAX version reproduce the
 losses exactly):
-  tiny   300 steps, ~40 s wall on 2 CPU cores; final eval loss 4.11
-         nats/token, excess over the Bayes floor (~1.52) 2.59.
-  small  1000 steps, ~5-7 min; eval loss 2.21, excess 0.72 (dense:
-         2.46 / 0.97).
+  tiny   300 steps, ~30-40 s wall on 2 CPU cores; final eval loss 4.11
+         nats/token, excess over the Bayes floor (~1.52) 2.59 (one group
+         per sequence: the same to 2 digits).
+  small  1000 steps, ~4-7 min; eval loss 2.15, excess 0.65 (one group
+         per sequence: 2.21 / 0.72; dense: 2.46 / 0.97).
 """
 
 from configs import base
@@ -37,7 +38,10 @@ def get_config(arg=None):
       # with a capacity lets a 2nd choice's slot depend on later tokens'
       # 1st choices; kept, so accepted explicitly (priority='token' is
       # the causal order).
-      allow_noncausal_routing=True))
+      allow_noncausal_routing=True,
+      # One routing group of the whole batch, position-major (Switch's
+      # many-document groups, configs/switch.py SWITCH_GROUPS).
+      group_sequences=-1, group_order='position'))
 
 
 def get_sweeps(arg=None):

@@ -27,7 +27,7 @@ decision vs the top-k choice, always-skip scores 0.875):
   small      1000 steps, ~3 min; eval loss 2.663, excess 1.168,
              mod_accuracy 0.977 (dense small 2.46 / 0.97); 1.85 x dense
              small's tokens/s.
-  tiny_mode  300 steps; eval loss 4.518 (switch tiny 4.20); 1.51 x dense.
+  tiny_mode  300 steps; eval loss 4.518 (switch tiny per sequence 4.20); 1.51 x dense.
 The last eval line of `tiny`:
   step 300/300 eval loss 4.3136 ... mod_loss 0.0008 mod_bce 0.0801
   mod_accuracy 0.9692 mod_fraction 0.1250 excess_loss 2.7942

@@ -18,7 +18,7 @@ Switch top-1 at cf 1.25 / 2.0.
 Measured on 2 CPU cores shared with other jobs (sizes in configs/base.py):
   tiny   300 steps, ~45 s wall on 2 loaded CPU cores; final eval loss
          4.24 nats/token, excess over the Bayes floor (~1.52) 2.72
-         (switch tiny: 4.20 / 2.68). Not yet at the balanced 1 real expert
+         (switch tiny, per sequence: 4.20 / 2.68). Not yet at the balanced 1 real expert
          per token: at the last eval 1.44 real experts per token before
          capacity (train, per layer: 1.69 / 1.21 asked, 1.23 / 1.11 kept;
          null fraction 0.15 / 0.39); aux_loss_weight 0.01 pulls slowly.

@@ -18,8 +18,8 @@ ReLU router uses about half the experts, which a top-1 capacity would drop.
 Measured on 2 CPU cores shared with other jobs (sizes in configs/base.py):
   tiny   300 steps, ~60 s wall on 2 loaded CPU cores; final eval loss
          4.25 nats/token, excess over the Bayes floor (~1.52) 2.73
-         (switch tiny: 4.20 / 2.68); active experts per token at the
-         last eval 1.02 (target 1). lambda overshoots to ~1-3 around step
+         (switch tiny, per sequence: 4.20 / 2.68); active experts per
+         token at the last eval 1.02 (target 1). lambda overshoots to ~1-3 around step
          100-200 (loss up while the router sparsifies) and settles.
   small  1000 steps: not run here (a longer run than this task allowed).
 """

@@ -9,18 +9,27 @@ Variants `tiny` (default) and `small`; any key can be overridden, e.g.
 `--config.train.steps=50`. Measured on 2 CPU cores shared with other jobs
 (sizes in configs/base.py; re-runs with the same JAX version reproduce the
 losses exactly):
-  tiny   300 steps, ~35 s wall on 2 CPU cores (first run also builds
-         the dataset, ~5 s); final eval loss 4.20 nats/token, excess
-         over the Bayes floor (~1.52) 2.68.
-  small  1000 steps, ~4-6 min; eval loss 2.33, excess 0.84 (dense:
-         2.46 / 0.97).
+  tiny   300 steps, ~30 s wall on 2 CPU cores (first run also builds
+         the dataset, ~5 s); final eval loss 4.16 nats/token, excess
+         over the Bayes floor (~1.52) 2.64 (one group per sequence: 4.20
+         / 2.68).
+  small  1000 steps, ~4-6 min; eval loss 2.27, excess 0.78 (one group
+         per sequence: 2.33 / 0.84; dense: 2.46 / 0.97).
 """
 
 from configs import base
 
+# Switch / GShard's routing groups of many documents: one group holds every
+# sequence of the batch (group_sequences=-1, k = train.batch_size), in
+# position-major order (causal-safe; moejax/grouping.py). A grad-accumulated
+# or data-parallel run needs a k that fits a micro-batch / a batch shard
+# (the config check names it), or None: one group per sequence.
+SWITCH_GROUPS = dict(group_sequences=-1, group_order='position')
+
 
 def get_config(arg=None):
-  """Switch config: top-1, capacity factor 1.25 train / 2.0 eval, aux 0.01.
+  """Switch config: top-1, capacity factor 1.25 train / 2.0 eval, aux 0.01,
+  one routing group of the whole batch (SWITCH_GROUPS).
 
   Args:
     arg: size variant 'tiny' | 'small' (None -> 'tiny').
@@ -30,7 +39,7 @@ def get_config(arg=None):
   """
   return base.sized_config(arg, dict(
       top_k=1, capacity_factor=1.25, eval_capacity_factor=2.0,
-      second_expert_policy='all', aux_loss_weight=0.01))
+      second_expert_policy='all', aux_loss_weight=0.01, **SWITCH_GROUPS))
 
 
 def get_sweeps(arg=None):
@@ -57,10 +66,14 @@ def get_sweeps(arg=None):
                 position order: causal): what the leak is worth.
     capacity    capacity factor in {0.5, 1.0, 1.25, 2.0, None (dropless)},
                 the same for training and eval, so the eval drop fraction
-                and loss reflect it. One routing group per sequence.
+                and loss reflect it, with the config's routing groups (the
+                README's per-sequence table adds
+                --config.model.moe.group_sequences=None
+                --config.model.moe.group_order=sequence).
     capacity_groups  the same capacity factors with Switch / GShard's
-                groups of many documents: one group holds the whole batch
-                (group_size = batch_size * seq_len), ordered position-major
+                groups of many documents named in every point, whatever
+                the config's default: one group holds the whole batch
+                (group_sequences=-1), ordered position-major
                 (group_order='position', causal-safe; moejax/grouping.py).
                 No dropless point: without drops the grouping changes only
                 the per-group balance loss.
@@ -92,7 +105,6 @@ def get_sweeps(arg=None):
   """
   config = get_config(arg)
   d_ff = config.model.d_ff
-  batch_tokens = config.train.batch_size * config.data.seq_len
   moe = 'model.moe.'
   cfs = (0.5, 1.0, 1.25, 2.0, None)
   return {
@@ -107,7 +119,7 @@ def get_sweeps(arg=None):
                     moe + 'eval_capacity_factor': cf} for cf in cfs],
       'capacity_groups': [{moe + 'capacity_factor': cf,
                            moe + 'eval_capacity_factor': cf,
-                           moe + 'group_size': batch_tokens,
+                           moe + 'group_sequences': -1,
                            moe + 'group_order': 'position'}
                           for cf in cfs[:-1]],
       'balance': [{moe + 'aux_loss_weight': w}

@@ -13,7 +13,9 @@ hits them all), blocking on every step. Printed and written: the median
 seconds per step and its ratio to M = 1 of the same scope, measured in the
 same run. Under the 'batch' scope M > 1 adds the counting pass (one
 forward pass over the batch); under 'group' only the smaller matmuls and
-the loop cost anything.
+the loop cost anything. Every variant routes in groups of one sequence (a
+micro-batch cannot hold a group of the whole batch:
+`bench_common.per_sequence_groups`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def _config(base, scope: str, micro: int):
   """The variant's run config; ValueError for one the trainer would refuse
   (M not dividing the batch, ...), naming the key."""
   config = base.copy_and_resolve_references()
+  bench_common.per_sequence_groups(config)
   config.model.moe.aux_loss_scope = scope
   config.train.grad_accum_steps = micro
   config_lib.validate_config(config)

@@ -295,3 +295,18 @@ def write_rows_json(path: str, meta: dict, rows: list) -> None:
                       f'{jax.device_count()} device(s)')
   with open(path, 'w', encoding='utf-8') as f:
     json.dump({'meta': meta, 'rows': rows}, f, indent=1)
+
+
+def per_sequence_groups(config) -> None:
+  """Sets one routing group per sequence on an MoE run config (in place).
+
+  The train-step benchmarks run a config over micro-batches or batch
+  shards, which cannot split the Switch configs' one group of the whole
+  batch (model.moe.group_sequences=-1); every variant gets the same
+  per-sequence layout instead (the same G * S = B * L tokens, the same
+  expert-buffer size G * E * C up to rounding).
+  """
+  if config.model.moe.num_experts:
+    config.model.moe.group_sequences = None
+    config.model.moe.group_size = None
+    config.model.moe.group_order = 'sequence'

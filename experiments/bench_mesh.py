@@ -26,7 +26,9 @@ which must exist before JAX starts:
         python -m experiments.bench_mesh
 
 They share the host's cores, so a CPU row measures what partitioning and
-the collectives add to the same total work, not a speed-up.
+the collectives add to the same total work, not a speed-up. Every MoE
+variant routes in groups of one sequence (a batch shard cannot hold a
+group of the whole batch: `bench_common.per_sequence_groups`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def mesh_config(base, shape: Sequence[int]):
   """`base` on mesh `shape`, validated as the trainer would (ValueError
   naming the key, or the devices the mesh needs), before any compile."""
   config = base.copy_and_resolve_references()
+  bench_common.per_sequence_groups(config)
   config.mesh.data, config.mesh.expert, config.mesh.model = shape
   needed = int(np.prod(shape))
   if needed > jax.device_count():

@@ -80,20 +80,13 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> None:
     raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
 
 
-def _check_group_sequences(k, router: str) -> None:
-  """group_sequences: None, an int >= 1, or -1 (grouping.WHOLE_BATCH; not
-  with Soft MoE, whose slots per token would follow the batch size)."""
-  if k is None:
-    return
-  if k != grouping.WHOLE_BATCH and (
+def _check_group_sequences(k) -> None:
+  """group_sequences: None, an int >= 1, or -1 (grouping.WHOLE_BATCH)."""
+  if k is not None and k != grouping.WHOLE_BATCH and (
       isinstance(k, bool) or not isinstance(k, int) or k < 1):
     raise ValueError('group_sequences must be None (one group per '
                      'sequence), an int >= 1, or -1 (one group of the '
                      f'whole batch); got {k!r}.')
-  if k == grouping.WHOLE_BATCH and router == 'soft_moe':
-    raise ValueError("group_sequences=-1 (one group of the whole batch) is "
-                     "not supported with router='soft_moe'; allowed: None "
-                     'or an int >= 1.')
 
 
 def _check_capacity_factor(name: str, value) -> None:
@@ -161,7 +154,7 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
   _check_positive_int('capacity_multiple_of', layer.capacity_multiple_of)
   if layer.group_size is not None:
     _check_positive_int('group_size', layer.group_size)
-  _check_group_sequences(layer.group_sequences, layer.router)
+  _check_group_sequences(layer.group_sequences)
   grouping.group_tokens(layer.group_size, layer.group_sequences, 1, 1)
   grouping.check_group_order(layer.group_order)
   routing.check_choice('score_fn', layer.score_fn, routing.SCORE_FNS)
@@ -191,6 +184,11 @@ def validate_moe_args(layer: 'MoeLayer') -> None:
                               layer.lora_targets, lora_lib.LAYER_TARGETS)
   _validate_router_options(layer)
   _validate_groups(layer)
+  if (layer.group_sequences == grouping.WHOLE_BATCH and
+      layer.router == 'soft_moe'):  # its slots per token would follow B
+    raise ValueError("group_sequences=-1 (one group of the whole batch) is "
+                     "not supported with router='soft_moe'; allowed: None "
+                     'or an int >= 1.')
 
 
 class MoeLayer(nn.Module):

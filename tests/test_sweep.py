@@ -14,6 +14,7 @@ tests/analysis/test_results.py.
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -298,3 +299,42 @@ def sweep_cli_args(config, out):
   return argparse.Namespace(config=f'{config}:tiny', workdir=out, seeds=1,
                             no_baseline=True, baseline_config=None,
                             baseline_root=None)
+
+
+def _sweep_configs(argv, capsys) -> list:
+  """tools/sweep_configs.py's output for a sweep command."""
+  path = os.path.join(REPO, 'tools', 'sweep_configs.py')
+  spec = importlib.util.spec_from_file_location('sweep_configs', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  capsys.readouterr()
+  assert module.main(argv) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def test_switch_configs_default_to_one_group_of_the_whole_batch(capsys):
+  """The Switch / GShard configs route each batch as one position-major
+  group (k = train.batch_size sequences); the per-sequence tables' flags
+  and the capacity_groups points give the layouts the README says, as
+  tools/sweep_configs.py reports them."""
+  for name in ('switch', 'gshard'):
+    for size, batch in (('tiny', 16), ('small', 8)):
+      argv = ['--config', f'configs/{name}.py:{size}', '--sweep',
+              'model.moe.capacity_factor=1.0,2.0', '--workdir', '/x',
+              '--no_baseline']
+      runs = _sweep_configs(argv, capsys)
+      assert [r['model']['moe']['groups'] for r in runs] == [
+          [batch, 'position']] * 2, (name, size)
+      per_seq = _sweep_configs(argv + [
+          '--config.model.moe.group_sequences=None',
+          '--config.model.moe.group_order=sequence'], capsys)
+      assert [r['model']['moe']['groups'] for r in per_seq] == [[1, 'any']] * 2
+  # capacity_groups names its groups itself: the whole batch of 8 whole
+  # sequences whatever the flags say.
+  runs = _sweep_configs(['--config', 'configs/switch.py:small', '--sweep',
+                         'capacity_groups', '--workdir', '/x',
+                         '--no_baseline',
+                         '--config.model.moe.group_sequences=None'], capsys)
+  assert {tuple(r['model']['moe']['groups']) for r in runs} == {
+      (8, 'position')}
+  assert len(runs) == 4

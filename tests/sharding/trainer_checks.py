@@ -71,7 +71,10 @@ def _argv(workdir, mesh, **extra) -> list[str]:
       'switch', workdir, _DIRS['data'], train__batch_size=8,
       train__steps=STEPS, train__checkpoint_every=SAVED,
       train__eval_every=STEPS, train__eval_batches=1, mesh__data=mesh[0],
-      mesh__expert=mesh[1], mesh__model=mesh[2], model__num_layers=1, **extra)
+      mesh__expert=mesh[1], mesh__model=mesh[2], model__num_layers=1,
+      # one group per sequence: 8 batch shards cannot split the config's
+      # group of the whole batch
+      model__moe__group_sequences=None, **extra)
 
 
 def _records(workdir) -> list[dict]:

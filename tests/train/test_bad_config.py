@@ -94,21 +94,18 @@ BAD = [
     # contradictory settings
     ('contradiction', 'switch', 'model.moe.top_k', '5',
      ['model.moe.top_k=5 must be <= model.moe.num_experts=4']),
-    ('contradiction', 'switch', 'model.moe.group_size', '7',
-     ['model.moe.group_size=7', 'None or a divisor of 64']),
-    # groups of 2 sequences (L = 16) in memory order: a causal leak
-    ('contradiction', 'switch', 'model.moe.group_size', '32',
-     ["model.moe.group_size=32 with model.moe.group_order='sequence'",
-      "which the causal LM must not see; allowed: "
-      "model.moe.group_order='position' with group_size a multiple of 16"]),
     ('contradiction', 'switch', 'model.moe.group_sequences', '3',
      ['model.moe.group_sequences=3 does not divide the 4 sequences of a '
       'batch (train.batch_size=4)', 'None or a divisor of 4']),
     # groups of 2 whole sequences (S = 2 * 16) in memory order: a leak
-    ('contradiction', 'switch', 'model.moe.group_sequences', '2',
-     ["model.moe.group_sequences=2 (S=32 tokens) with "
+    ('contradiction', 'switch', 'model.moe.group_order', 'sequence',
+     ["model.moe.group_sequences=-1 (S=64 tokens) with "
       "model.moe.group_order='sequence'", 'which the causal LM must not '
       "see; allowed: model.moe.group_order='position'"]),
+    # the config's group of the whole batch and a group size in tokens
+    ('contradiction', 'switch', 'model.moe.group_size', '32',
+     ['model.moe.group_size=32 and model.moe.group_sequences=-1 both set '
+      'the size of a routing group', 'one of them (the other None)']),
     ('contradiction', 'switch', 'model.moe.first_dense_layers', '2',
      ['model.moe.first_dense_layers=2', 'leaves no MoE layer',
       'model.moe.first_dense_layers + model.moe.moe_every <= 2']),
@@ -207,7 +204,7 @@ BAD += [
     ('mesh', 'dense', 'mesh.data', '8',
      ['train.batch_size=4 must be divisible by the batch shards mesh.data * '
       'mesh.expert = 8']),
-    ('mesh', 'switch', 'mesh.expert', '2',
+    ('mesh', 'dense', 'mesh.expert', '2',
      ['the mesh (mesh.data=1, mesh.expert=2, mesh.model=1) needs 2 devices '
       'but only 1 are available', 'mesh.data * mesh.expert * mesh.model <= '
       '1']),
@@ -228,20 +225,31 @@ BAD_MESH_PAIRS = [
     # Micro-batches of 4 / 2 = 2 rows (32 tokens) cannot hold a group of 4
     # whole sequences, nor split over 4 batch shards.
     ('switch', {'train.grad_accum_steps': 2, 'model.moe.group_size': 64,
+                'model.moe.group_sequences': None,
                 'model.moe.group_order': 'position'},
      ['model.moe.group_size=64 does not divide the 32 tokens of a '
       'micro-batch (train.batch_size=4 / train.grad_accum_steps=2',
       'None or a divisor of 32']),
-    ('switch', {'mesh.data': 4, 'train.grad_accum_steps': 2},
+    ('switch', {'mesh.data': 4, 'train.grad_accum_steps': 2,
+                'model.moe.group_sequences': None},
      ['train.grad_accum_steps=2 makes micro-batches of train.batch_size=4 / '
       '2 = 2 rows, which the batch shards mesh.data * mesh.expert = 4 do not '
       'divide', 'a train.grad_accum_steps dividing 1']),
     # B=4 sequences of L=16 in groups of S=32: G = 4 * 16 / 32 = 2 groups,
     # not divisible by the 4 batch shards (B = 4 is).
     ('switch', {'mesh.data': 4, 'model.moe.group_size': 32,
+                'model.moe.group_sequences': None,
                 'model.moe.group_order': 'position'},
      ['G=2 groups', 'must be divisible by the batch shards mesh.data * '
       'mesh.expert = 4']),
+    ('switch', {'model.moe.group_size': 7, 'model.moe.group_sequences': None},
+     ['model.moe.group_size=7', 'None or a divisor of 64']),
+    # groups of 2 sequences (L = 16) in memory order: a causal leak
+    ('switch', {'model.moe.group_size': 32, 'model.moe.group_sequences': None,
+                'model.moe.group_order': 'sequence'},
+     ["model.moe.group_size=32 with model.moe.group_order='sequence'",
+      "which the causal LM must not see; allowed: "
+      "model.moe.group_order='position' with group_size a multiple of 16"]),
     ('switch', {'model.moe.group_size': 32, 'model.moe.group_sequences': 2,
                 'model.moe.group_order': 'position'},
      ['model.moe.group_size=32 and model.moe.group_sequences=2 both set the '
