@@ -13,9 +13,9 @@ hits them all), blocking on every step. Printed and written: the median
 seconds per step and its ratio to M = 1 of the same scope, measured in the
 same run. Under the 'batch' scope M > 1 adds the counting pass (one
 forward pass over the batch); under 'group' only the smaller matmuls and
-the loop cost anything. Every variant routes in groups of one sequence (a
-micro-batch cannot hold a group of the whole batch:
-`bench_common.per_sequence_groups`).
+the loop cost anything. A config's group of the whole batch (`group_sequences=-1`,
+the Switch configs' default) becomes one group per sequence: a
+micro-batch cannot hold it (`bench_common.per_sequence_groups`).
 """
 
 from __future__ import annotations

@@ -298,15 +298,15 @@ def write_rows_json(path: str, meta: dict, rows: list) -> None:
 
 
 def per_sequence_groups(config) -> None:
-  """Sets one routing group per sequence on an MoE run config (in place).
+  """One routing group per sequence for a config whose MoE layers route one
+  group of the whole batch (model.moe.group_sequences=-1; in place).
 
   The train-step benchmarks run a config over micro-batches or batch
-  shards, which cannot split the Switch configs' one group of the whole
-  batch (model.moe.group_sequences=-1); every variant gets the same
-  per-sequence layout instead (the same G * S = B * L tokens, the same
-  expert-buffer size G * E * C up to rounding).
+  shards, which cannot split a group of the whole batch; every variant
+  gets the per-sequence layout instead (the same G * S = B * L tokens, the
+  same expert-buffer size G * E * C up to rounding). Other layouts are
+  kept.
   """
-  if config.model.moe.num_experts:
+  if config.model.moe.get('group_sequences') == -1:
     config.model.moe.group_sequences = None
-    config.model.moe.group_size = None
     config.model.moe.group_order = 'sequence'

@@ -26,9 +26,10 @@ which must exist before JAX starts:
         python -m experiments.bench_mesh
 
 They share the host's cores, so a CPU row measures what partitioning and
-the collectives add to the same total work, not a speed-up. Every MoE
-variant routes in groups of one sequence (a batch shard cannot hold a
-group of the whole batch: `bench_common.per_sequence_groups`).
+the collectives add to the same total work, not a speed-up. A config's
+group of the whole batch (`group_sequences=-1`, the Switch configs'
+default) becomes one group per sequence: a batch shard cannot hold it
+(`bench_common.per_sequence_groups`).
 """
 
 from __future__ import annotations
