@@ -88,7 +88,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       # of the whole batch; moejax/train/accumulate.py). Routing groups,
       # the 'batch' balance loss and the loss-free bias keep the whole
       # batch's meaning.
-      grad_accum_steps=1))
+      grad_accum_steps=1,
+      # True: params stored in model.param_dtype='bfloat16' keep float32
+      # master copies in the optimizer state (moejax/train/optim.py).
+      master_weights=False))
   c.data = ml_collections.ConfigDict(dict(
       # | 'local_text' | 'python_stdlib' (this Python's standard library,
       # byte tokens, 8 domains: moejax/data/stdlib_text.py) | a prepared

@@ -208,6 +208,11 @@ def _check_train(config: ml_collections.ConfigDict) -> None:
     _require(f'train.{name}', t[name], 0 <= t[name] < 1, '[0, 1)')
   _require('train.min_lr_ratio', t.min_lr_ratio, 0 <= t.min_lr_ratio <= 1,
            '[0, 1]')
+  _require('train.master_weights', t.master_weights,
+           not t.master_weights or config.model.param_dtype != 'float32',
+           "False with model.param_dtype='float32' (there is nothing to "
+           "keep a float32 copy of); True needs model.param_dtype="
+           "'bfloat16'")
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
@@ -446,7 +451,8 @@ def build_optimizer(config: ml_collections.ConfigDict,
   optimizer = optim.make_optimizer(
       t.learning_rate, t.warmup_steps, t.steps, weight_decay=t.weight_decay,
       grad_clip=t.grad_clip, b1=t.b1, b2=t.b2, min_lr_ratio=t.min_lr_ratio,
-      plan=finetune_setup.plan(config, expert_rows))
+      plan=finetune_setup.plan(config, expert_rows),
+      master_weights=t.master_weights)
   return optimizer, schedule
 
 

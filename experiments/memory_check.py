@@ -13,7 +13,10 @@ tokens per group, C capacity (slots per expert per group), T = B * L tokens.
 The estimate (bytes; `a` = bytes of model.dtype, P = param bytes):
 
     params       P
-    optimizer    2 P               AdamW's mu and nu (param dtype)
+    optimizer    2 P               AdamW's mu and nu (param dtype); with
+                                   train.master_weights 3 P32: mu, nu and
+                                   the master copy in float32 (P32 = P
+                                   at 4 bytes a param)
     gradients    P
     activations  sum over blocks of what the backward pass keeps:
                    T * (10 D + 4 F) * a          dense block (norms, q, k,
@@ -177,20 +180,24 @@ def estimate_train_bytes(config: ml_collections.ConfigDict, model,
   seq_len = config.data.seq_len
   return _estimate(model, config.train.batch_size, seq_len,
                    _split_params(model, seq_len), batch_shards,
-                   expert_shards)
+                   expert_shards, config.train.get('master_weights', False))
 
 
 def _estimate(model, batch: int, seq_len: int, split: tuple[int, int],
-              batch_shards: int, expert_shards: int) -> dict[str, int]:
+              batch_shards: int, expert_shards: int,
+              master: bool = False) -> dict[str, int]:
   """estimate_train_bytes with the (expert, other) param bytes given."""
   expert, other = split
   params = other + expert // max(expert_shards, 1)
   parts = _activation_bytes(model, batch, seq_len)
-  out = {'params': params, 'optimizer': 2 * params, 'gradients': params}
+  optimizer = 2 * params
+  if master:  # float32 mu, nu and master (the f32 routers over-counted)
+    optimizer = 3 * params * 4 // jnp.dtype(model.param_dtype).itemsize
+  out = {'params': params, 'optimizer': optimizer, 'gradients': params}
   for key in ('activations', 'attention', 'moe_buffers', 'logits'):
     out[key] = parts[key] // max(batch_shards, 1)
-  out['total'] = (4 * params + out['activations'] + out['logits'] +
-                  batch * (seq_len + 1) * 4)
+  out['total'] = (2 * params + optimizer + out['activations'] +
+                  out['logits'] + batch * (seq_len + 1) * 4)
   return out
 
 
@@ -270,9 +277,10 @@ def check_memory(config: ml_collections.ConfigDict, model,
   shards, copies = _mesh_shards(mesh), _host_copies(device, mesh)
   batch, seq_len = config.train.batch_size, config.data.seq_len
   split = _split_params(model, seq_len)
-  need = lambda b: copies * _estimate(model, b, seq_len, split,
-                                      *shards)['total']
-  estimate = _estimate(model, batch, seq_len, split, *shards)
+  master = config.train.get('master_weights', False)
+  need = lambda b: copies * _estimate(model, b, seq_len, split, *shards,
+                                      master)['total']
+  estimate = _estimate(model, batch, seq_len, split, *shards, master)
   limit = device_memory_bytes(device)
   if limit is None or need(batch) <= limit:
     return estimate
@@ -280,10 +288,11 @@ def check_memory(config: ml_collections.ConfigDict, model,
   while fits > 1 and need(fits) > limit:
     fits //= 2
   times = f' x {copies} CPU devices of this host' if copies > 1 else ''
+  state = sum(estimate[k] for k in ('params', 'optimizer', 'gradients'))
   raise ValueError(
       f'train.batch_size={batch} x data.seq_len={seq_len} needs an '
       f'estimated {_size(estimate["total"])}{times} per training step '
-      f'(params + AdamW state + gradients {_size(4 * estimate["params"])}, '
+      f'(params + AdamW state + gradients {_size(state)}, '
       f'activations {_size(estimate["activations"])}, logits '
       f'{_size(estimate["logits"])}), but the device '
       f'({getattr(device, "device_kind", device)}) has {_size(limit)}; '

@@ -58,9 +58,11 @@ def test_switch_tiny_by_hand():
   params = 181056 * 4
   token_d = 10 * (16 * 64) * 64 * 4  # 2621440 per block
   scores = 3 * 16 * 4 * 64 * 64 * 4  # 3145728 per block
-  # G=16 groups of S=64, C = ceil(1.25 * 64 * 1 / 4) = 20, E*C = 80 slots:
-  # buffers 4 * G*E*C * (D + F) * a, router 4 * G*S*E * 4 bytes.
-  moe = 4 * 16 * 80 * (64 + 128) * 4 + 4 * 16 * 64 * 4 * 4  # 3997696
+  # One group of the whole batch (the config's group_sequences=-1): G=1,
+  # S=16*64=1024, C = ceil(1.25 * 1024 * 1 / 4) = 320, E*C = 1280 slots
+  # (as many as 16 per-sequence groups of 4*20): buffers
+  # 4 * G*E*C * (D + F) * a, router 4 * G*S*E * 4 bytes.
+  moe = 4 * 1280 * (64 + 128) * 4 + 4 * 1024 * 4 * 4  # 3997696
   logits = 5 * 16 * 64 * 256 * 4  # 5242880
   assert est['params'] == params and est['optimizer'] == 2 * params
   assert est['attention'] == 2 * scores
@@ -69,6 +71,16 @@ def test_switch_tiny_by_hand():
   assert est['logits'] == logits
   assert est['total'] == (4 * params + 2 * (token_d + scores + moe) + logits
                           + 16 * 65 * 4)  # + the tokens [B, L + 1] int32
+  # bfloat16 params with float32 master copies: AdamW's mu, nu and the
+  # master at 4 bytes a param, 3 * 4 / 2 = 6x the bfloat16 param bytes
+  # (the float32 routers, 2 * 64*4 params, counted as bfloat16 first).
+  config16, model16 = _config('switch', **{'model.param_dtype': 'bfloat16',
+                                           'train.master_weights': True})
+  est16 = memory_check.estimate_train_bytes(config16, model16)
+  assert est16['params'] == 181056 * 2 + 2 * 64 * 4 * 2  # routers float32
+  assert est16['optimizer'] == 6 * est16['params']
+  assert est16['total'] - est16['optimizer'] == (
+      est['total'] - 4 * params + 2 * est16['params'])
   # Two batch shards halve the activations; two expert shards halve the
   # expert weights (2 * 2 * 4*64*128 params), not the rest.
   split = memory_check.estimate_train_bytes(config, model, 2, 2)

@@ -38,6 +38,9 @@ BAD = [
     ('range', 'switch', 'model.moe.group_sequences', '0',
      ['model.moe.group_sequences must be None (one group per sequence), an '
       'int >= 1, or -1 (one group of the whole batch); got 0']),
+    ('contradiction', 'switch', 'train.master_weights', 'true',
+     ['train.master_weights=True is not allowed', "True needs "
+      "model.param_dtype='bfloat16'"]),
     ('range', 'switch', 'model.moe.group_sequences', '-2',
      ['model.moe.group_sequences must be', 'an int >= 1, or -1', 'got -2']),
     ('range', 'switch', 'model.moe.num_experts', '-2',
