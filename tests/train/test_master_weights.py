@@ -96,3 +96,29 @@ def test_trainer_stores_bfloat16_params_and_float32_masters(data_dir,
     pairs += 1
   assert pairs >= 10
   assert np.isfinite(records[-1]['eval/loss'])
+
+
+def test_master_copies_are_sharded_like_their_params():
+  """On a (2, 4, 1) mesh every master copy gets its param's partition spec
+  (the expert banks split over 'expert'): sharding follows param paths."""
+  from experiments import config_lib  # pylint: disable=g-import-not-at-top
+  from moejax import sharding  # pylint: disable=g-import-not-at-top
+  from moejax.train import abstract_train_state  # pylint: disable=g-import-not-at-top
+  config = config_lib.apply_overrides(
+      config_lib.load_config('configs/switch.py:tiny'),
+      {'model.param_dtype': 'bfloat16', 'train.master_weights': True})
+  model = config_lib.build_model(config)
+  optimizer, _ = config_lib.build_optimizer(config)
+  abstract = abstract_train_state(model, optimizer, (16, 64))
+  specs = sharding.tree_partition_specs(
+      abstract, {'data': 2, 'expert': 4, 'model': 1})
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  params = dict(jax.tree_util.tree_flatten_with_path(
+      specs.params, is_leaf=is_spec)[0])
+  masters = jax.tree_util.tree_flatten_with_path(
+      specs.opt_state.master, is_leaf=is_spec)[0]
+  assert len(masters) >= 10
+  for path, spec in masters:
+    assert spec == params[path], (jax.tree_util.keystr(path), spec)
+  expert = [s for p, s in masters if 'experts' in jax.tree_util.keystr(p)]
+  assert expert and all(s[0] == 'expert' for s in expert)
