@@ -74,7 +74,7 @@ def _steered_layer(**kwargs):
   """E = 2, K = 1, D = 2: a token [1, 0] picks expert 0, [0, 1] expert 1."""
   layer = moejax.MoeLayer(num_experts=2, d_ff=8, min_capacity=1, **kwargs)
   x = jnp.zeros((2, 4, 2))
-  variables = layer.init(init_key(0), x)
+  variables = jax.jit(layer.init)(init_key(0), x)
   params = variables['params']
   params['router']['kernel'] = jnp.eye(2) * 4.0
   params['experts']['wi'] = jnp.abs(params['experts']['wi']) + 0.1
@@ -84,7 +84,7 @@ def _steered_layer(**kwargs):
 
 def _kept(layer, variables, x):
   """[B, L] bool: tokens whose MoE output is non-zero (kept)."""
-  y, _ = layer.apply(variables, x)
+  y, _ = jax.jit(layer.apply)(variables, x)
   return np.asarray(jnp.abs(y).sum(-1) > 0)
 
 
