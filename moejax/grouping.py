@@ -79,10 +79,13 @@ def group_tokens(group_size: Optional[int], group_sequences: Optional[int],
   if group_sequences is None:
     return group_size
   if group_size is not None:
+    also = (' (-1 is the default of configs/switch.py and configs/gshard.py'
+            ': give group_sequences=None with a group_size)'
+            if group_sequences == WHOLE_BATCH else '')
     raise ValueError(
         f'group_size={group_size} and group_sequences={group_sequences} '
         'both set the size of a routing group; allowed: one of them (the '
-        'other None).')
+        f'other None){also}.')
   return sequences_per_group(group_sequences, batch) * seq_len
 
 

@@ -108,7 +108,9 @@ BAD = [
     # the config's group of the whole batch and a group size in tokens
     ('contradiction', 'switch', 'model.moe.group_size', '32',
      ['model.moe.group_size=32 and model.moe.group_sequences=-1 both set '
-      'the size of a routing group', 'one of them (the other None)']),
+      'the size of a routing group', 'one of them (the other None) (-1 is '
+      'the default of configs/switch.py and configs/gshard.py: give '
+      'model.moe.group_sequences=None with a group_size)']),
     ('contradiction', 'switch', 'model.moe.first_dense_layers', '2',
      ['model.moe.first_dense_layers=2', 'leaves no MoE layer',
       'model.moe.first_dense_layers + model.moe.moe_every <= 2']),
